@@ -1,0 +1,307 @@
+"""Convert datasets to shuffled WebDataset shards with dense global ids and an LMDB manifest.
+
+    python -m pipeline.convert imagenet      SRC OUT --split train|val [--list FILE]
+    python -m pipeline.convert imagenet22k   SRC OUT
+    python -m pipeline.convert webvision     SRC OUT --split train|val
+    python -m pipeline.convert fashion-mnist SRC OUT --split train|val
+
+How it runs (and why it survives a kill):
+1. List the source (cheap: paths, tar headers, sizes) and make a seeded global permutation; cut
+   it into shards by `--shard-size` bytes and/or `--max-count` samples. The plan is saved to
+   `OUT/.convert/<split>-plan.json`; `--resume` refuses a plan that differs.
+2. Workers write shards in parallel. A shard is written to `.partial`, fsynced and renamed, then a
+   per-shard record (`OUT/.convert/<split>-NNNNNN.json`) marks it done. Images that do not decode
+   are rejected there with a reason. A kill loses at most the shards in flight; `--resume` redoes
+   exactly those.
+3. Finalize: ids are assigned densely in plan order over the accepted samples, written into the
+   shards in place (`shards.patch_ids`), then the manifest, `OUT/<split>.json` and
+   `OUT/<split>-rejected.txt`. Finalize is idempotent.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import manifest as manifest_lib
+from pipeline import sources
+from pipeline.shards import ImageRejected, ShardWriter, patch_ids, prepare_image, write_atomic
+from runtime.progress import Progress
+
+DEFAULT_SHARD_SIZE = 1_000_000_000
+TAR_OVERHEAD_PER_SAMPLE = 4 * 512 + 3 * 512  # four headers plus padding of the small members
+
+
+class ConversionError(Exception):
+    """A problem the user must fix (missing SRC, unknown layout, conflicting rerun)."""
+
+
+def list_source(fmt: str, src: Path, split: str, list_file: Path | None) -> sources.SourceListing:
+    if fmt == "imagenet":
+        return sources.list_imagenet(src, split, list_file)
+    if fmt == "imagenet22k":
+        return sources.list_imagenet22k(src)
+    if fmt == "webvision":
+        return sources.list_webvision(src, split)
+    if fmt == "fashion-mnist":
+        return sources.list_fashion_mnist(src, split)
+    raise ConversionError(f"unknown format {fmt!r}")
+
+
+def plan_shards(items: list[sources.SourceItem], seed: int, limit: int | None,
+                shard_size: int | None, max_count: int | None) -> list[np.ndarray]:
+    """A seeded global permutation cut into shards; each shard is an array of item indices in
+    plan order. The position of an item in the concatenated plan is its key."""
+    order = np.random.default_rng(seed).permutation(len(items))
+    if limit is not None:
+        order = order[:limit]
+    shards, start, size = [], 0, 0
+    for pos, item_index in enumerate(order):
+        item_bytes = items[item_index].size + TAR_OVERHEAD_PER_SAMPLE
+        count = pos - start
+        full_by_size = shard_size is not None and count > 0 and size + item_bytes > shard_size
+        full_by_count = max_count is not None and count >= max_count
+        if full_by_size or full_by_count:
+            shards.append(order[start:pos])
+            start, size = pos, 0
+        size += item_bytes
+    if start < len(order):
+        shards.append(order[start:])
+    return shards
+
+
+def fingerprint(items: list[sources.SourceItem]) -> str:
+    digest = hashlib.sha1()
+    for item in items:
+        digest.update(f"{item.source}\t{item.label}\t{item.size}\n".encode())
+    return digest.hexdigest()
+
+
+# --- worker side -------------------------------------------------------------------------------
+
+_progress_counter = None
+
+
+def _init_worker(counter) -> None:
+    global _progress_counter
+    _progress_counter = counter
+
+
+def write_shard(out: str, split: str, shard_number: int, first_position: int,
+                items: list[sources.SourceItem]) -> dict:
+    """Write one shard and its DALI index; return (and persist) the record finalize needs."""
+    name = f"{split}-{shard_number:06d}"
+    tar_path = os.path.join(out, f"{name}.tar")
+    writer = ShardWriter(tar_path + ".partial")
+    rejected, pending = [], 0
+    for position, item in enumerate(items, start=first_position):
+        try:
+            ext, data = prepare_image(sources.read_item(item.locator))
+        except ImageRejected as exc:
+            rejected.append((item.source, str(exc)))
+        except OSError as exc:
+            rejected.append((item.source, f"unreadable: {exc}"))
+        else:
+            meta = {"source": item.source, "class": item.class_name, **item.extra}
+            writer.add_sample(position, ext, data, item.label, meta)
+        pending += 1
+        if _progress_counter is not None and pending == 64:
+            with _progress_counter.get_lock():
+                _progress_counter.value += pending
+            pending = 0
+    writer.close()
+    os.replace(tar_path + ".partial", tar_path)
+    writer.write_dali_index(os.path.join(out, "index", f"{name}.idx"))
+    if _progress_counter is not None and pending:
+        with _progress_counter.get_lock():
+            _progress_counter.value += pending
+    record = {
+        "shard": f"{name}.tar",
+        "planned": len(items),
+        "samples": [[s.position, s.sample_offset, s.id_offset, s.label] for s in writer.samples],
+        "rejected": rejected,
+    }
+    write_atomic(os.path.join(out, ".convert", f"{name}.json"), json.dumps(record).encode())
+    return record
+
+
+# --- driver side -------------------------------------------------------------------------------
+
+def convert(fmt: str, src: Path, out: Path, split: str = "train", *, list_file: Path | None = None,
+            shard_size: int | None = DEFAULT_SHARD_SIZE, max_count: int | None = None, seed: int = 0,
+            workers: int | None = None, limit: int | None = None, resume: bool = False,
+            log=print) -> dict:
+    """Run a conversion; returns the summary written to `OUT/<split>.json`."""
+    listing = list_source(fmt, src, split, list_file)
+    if not listing.items:
+        raise ConversionError(f"{src} holds no images for split {split!r}")
+    state = out / ".convert"
+    plan_path = state / f"{split}-plan.json"
+    plan_info = {
+        "format": fmt, "src": str(src.resolve()), "split": split, "seed": seed, "limit": limit,
+        "shard_size": shard_size, "max_count": max_count, "items": len(listing.items),
+        "fingerprint": fingerprint(listing.items),
+    }
+    if plan_path.exists():
+        previous = json.loads(plan_path.read_text())
+        if not resume:
+            raise ConversionError(f"{out} already holds split {split!r} (pass --resume to finish or "
+                                  "reuse it, or choose another OUT)")
+        if previous != plan_info:
+            changed = [k for k in plan_info if previous.get(k) != plan_info[k]]
+            raise ConversionError(f"--resume: {', '.join(changed)} differ from the run that wrote {out} "
+                                  "(rerun with the same options, or choose another OUT)")
+    elif any(out.glob(f"{split}-*.tar")):
+        raise ConversionError(f"{out} holds {split} shards from another tool or run; choose another OUT")
+    (out / "index").mkdir(parents=True, exist_ok=True)
+    state.mkdir(exist_ok=True)
+    write_atomic(str(plan_path), json.dumps(plan_info, indent=1).encode())
+
+    shards = plan_shards(listing.items, seed, limit, shard_size, max_count)
+    starts = np.cumsum([0] + [len(s) for s in shards])
+    todo = [n for n in range(len(shards)) if not (state / f"{split}-{n:06d}.json").exists()]
+    total = int(starts[-1])
+    done_before = total - sum(len(shards[n]) for n in todo)
+    if done_before:
+        log(f"resume: {len(shards) - len(todo)} of {len(shards)} shards already written")
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    log(f"converting {fmt} {split}: {total} images into {len(shards)} shards with {workers} workers")
+    started = time.monotonic()
+    _write_all(out, split, shards, starts, todo, listing.items, workers, done_before, total)
+    summary = finalize(out, split, len(shards), listing.classes, listing.rejected)
+    seconds = time.monotonic() - started
+    summary_rate = (total - done_before) / seconds if seconds > 0 else 0.0
+    log(f"done: {summary['count']} samples in {len(summary['shards'])} shards "
+        f"({summary_rate:.0f} img/s) → {out}")
+    if summary["rejected"]:
+        log(f"warning: {summary['rejected']} images rejected, listed in {out / f'{split}-rejected.txt'}")
+    return summary
+
+
+def _write_all(out, split, shards, starts, todo, items, workers, done_before, total) -> None:
+    progress = Progress(total, f"convert {split}", initial=done_before)
+    jobs = [(str(out), split, n, int(starts[n]), [items[i] for i in shards[n]]) for n in todo]
+    if workers == 1:
+        for job in jobs:
+            write_shard(*job)
+            progress.update(len(job[4]))
+        progress.close()
+        return
+    ctx = mp.get_context("fork")
+    counter = ctx.Value("q", 0)
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool:
+        pending = {pool.submit(write_shard, *job) for job in jobs}
+        while pending:
+            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for future in finished:
+                future.result()  # re-raise a worker failure here
+            progress.update(done_before + counter.value - progress.done)
+    progress.update(total - progress.done)
+    progress.close()
+
+
+def finalize(out: Path, split: str, num_shards: int, classes: list[str],
+             listing_rejected: list[tuple[str, str]]) -> dict:
+    """Dense ids in plan order, patched into the shards; manifest; shard list; rejected list."""
+    state = out / ".convert"
+    next_id, shard_entries, rejected, manifest_rows = 0, [], list(listing_rejected), []
+    for n in range(num_shards):
+        record = json.loads((state / f"{split}-{n:06d}.json").read_text())
+        rejected += [tuple(r) for r in record["rejected"]]
+        samples = record["samples"]
+        tar_path = out / record["shard"]
+        if not samples:  # every image of this shard was rejected
+            tar_path.unlink(missing_ok=True)
+            (out / "index" / f"{tar_path.stem}.idx").unlink(missing_ok=True)
+            continue
+        ids = list(range(next_id, next_id + len(samples)))
+        patch_ids(str(tar_path), [s[2] for s in samples], ids)
+        shard_number = len(shard_entries)
+        for sample_id, (position, sample_offset, _, label) in zip(ids, samples):
+            manifest_rows.append((sample_id, f"{position:010d}", label, shard_number, sample_offset))
+        shard_entries.append({"url": record["shard"], "index": f"index/{tar_path.stem}.idx",
+                              "nsamples": len(samples), "planned": record["planned"]})
+        next_id += len(samples)
+    shard_names = [s["url"] for s in shard_entries]
+    manifest_lib.write_split(out, split, classes, shard_names, iter(manifest_rows))
+    rejected.sort()
+    (out / f"{split}-rejected.txt").write_text("".join(f"{src}\t{reason}\n" for src, reason in rejected))
+    summary = {
+        "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": split, "split": split,
+        "count": next_id, "rejected": len(rejected), "classes": classes, "shardlist": shard_entries,
+        "shards": shard_names,
+    }
+    write_atomic(str(out / f"{split}.json"), json.dumps(summary, indent=1).encode())
+    return summary
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    for name, help_text, has_split in [
+        ("imagenet", "ImageNet-1K class folders SRC/<split>/<wnid>/*.JPEG (or --list)", True),
+        ("imagenet22k", "ImageNet-22K per-synset tars SRC/<wnid>.tar (winter21_whole)", False),
+        ("webvision", "WebVision 1.0 (info/*_filelist*.txt)", True),
+        ("fashion-mnist", "Fashion-MNIST idx .gz files", True),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("src", type=Path, metavar="SRC")
+        p.add_argument("out", type=Path, metavar="OUT")
+        if has_split:
+            p.add_argument("--split", choices=["train", "val"], default="train")
+        else:
+            p.set_defaults(split="train")
+        if name == "imagenet":
+            p.add_argument("--list", dest="list_file", type=Path, help="'relpath label' lines, relpath relative to SRC")
+        p.add_argument("--shard-size", type=_size, default=DEFAULT_SHARD_SIZE,
+                       help="approximate bytes per shard (default 1G; accepts K/M/G suffixes)")
+        p.add_argument("--max-count", type=_positive, help="at most this many samples per shard")
+        p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+        p.add_argument("--workers", type=_positive, help="parallel shard writers (default: all cores)")
+        p.add_argument("--limit", type=_positive, help="convert only the first N images after the shuffle")
+        p.add_argument("--resume", action="store_true", help="finish an interrupted conversion into OUT")
+    return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _size(text: str) -> int:
+    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    text = text.strip().upper().rstrip("B")
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1G, 500M, 1000000)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("shard size must be positive")
+    return int(value)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        convert(args.format, args.src, args.out, args.split, list_file=getattr(args, "list_file", None),
+                shard_size=args.shard_size, max_count=args.max_count, seed=args.seed,
+                workers=args.workers, limit=args.limit, resume=args.resume,
+                log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (ConversionError, sources.LayoutError, manifest_lib.ManifestError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""InfoNCE and its relatives: InterCLR Eq. 1, 6, 7 (003_*.txt), SimCLR NT-Xent and CUT PatchNCE
+(001_*.txt)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from losses._common import (check_negatives, check_pair, check_temperature, normalize,
+                            similarities_to_negatives)
+
+
+def info_nce_from_logits(pos_logit: torch.Tensor, neg_logits: torch.Tensor, temperature: float = 0.07,
+                         margin: float = 0.0) -> torch.Tensor:
+    """InfoNCE (InterCLR Eq. 1) / MarginNCE (Eq. 6) from precomputed cosine similarities.
+
+    pos_logit: [B] cosine of each query with its positive; neg_logits: [B, K] cosines with its
+    negatives — both *before* temperature, as a bank computing similarities near its data returns
+    them. The margin m is subtracted from the positive cosine, which appears in the numerator and
+    as the first term of the denominator; negatives are untouched:
+        -log exp((cos⁺ - m)/τ) / (exp((cos⁺ - m)/τ) + Σ_k exp(cos⁻_k/τ)),
+    averaged over the batch (the paper sums; the mean keeps the scale independent of B).
+    """
+    check_temperature("temperature", temperature)
+    if pos_logit.dim() != 1 or neg_logits.dim() != 2 or neg_logits.shape[0] != pos_logit.shape[0]:
+        raise ValueError(f"pos_logit must be [B] and neg_logits [B, K], got {tuple(pos_logit.shape)} "
+                         f"and {tuple(neg_logits.shape)}")
+    logits = torch.cat([(pos_logit - margin).unsqueeze(1), neg_logits], dim=1) / temperature  # [B, 1+K]
+    return -F.log_softmax(logits, dim=1)[:, 0].mean()
+
+
+def info_nce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
+             temperature: float = 0.07, margin: float = 0.0) -> torch.Tensor:
+    """InfoNCE (InterCLR Eq. 1) and, with `margin`, MarginNCE (Eq. 6) on embeddings.
+
+    query, positive: [B, D]; negatives: [B, K, D] per sample (memory bank) or [K, D] shared (MoCo
+    queue). All are L2-normalised, so dot products are the cosines of the paper.
+    """
+    check_pair("query", query, "positive", positive)
+    check_negatives(query, negatives)
+    query, positive, negatives = normalize(query), normalize(positive), normalize(negatives)
+    pos = (query * positive).sum(dim=1)  # [B]
+    return info_nce_from_logits(pos, similarities_to_negatives(query, negatives), temperature, margin)
+
+
+def interclr_loss(intra: torch.Tensor, inter: torch.Tensor, weight: float = 0.75) -> torch.Tensor:
+    """InterCLR Eq. 7: λ·L_intra + (1-λ)·L_inter (λ = 0.75 in the paper; λ = 1 is NPID)."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight λ must be in [0, 1], got {weight}")
+    return weight * intra + (1.0 - weight) * inter
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """SimCLR NT-Xent. z1, z2: [N, D], two views of N samples. Each of the 2N embeddings has its
+    other view as positive and the remaining 2N-2 as negatives; the loss is averaged over all 2N
+    anchors (symmetric in z1, z2). Cosine similarity."""
+    check_pair("z1", z1, "z2", z2)
+    check_temperature("temperature", temperature)
+    n = z1.shape[0]
+    z = normalize(torch.cat([z1, z2], dim=0))  # [2N, D]
+    logits = z @ z.T / temperature  # [2N, 2N]
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, partner)
+
+
+def patch_nce(feat_q: torch.Tensor, feat_k: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """CUT's PatchNCE (001_*.txt): feat_q, feat_k [B, P, D] features of P patch locations in the
+    output and input images. Each query patch's positive is the key patch at the same location;
+    its negatives are the other P-1 key patches of the same image. Cosine similarity; averaged over
+    B·P. CUT detaches feat_k; that is the caller's choice."""
+    if feat_q.dim() != 3 or feat_q.shape != feat_k.shape:
+        raise ValueError(f"feat_q and feat_k must both be [B, P, D], got {tuple(feat_q.shape)} and "
+                         f"{tuple(feat_k.shape)}")
+    check_temperature("temperature", temperature)
+    q, k = normalize(feat_q), normalize(feat_k)
+    logits = torch.einsum("bpd,bqd->bpq", q, k) / temperature  # [B, P, P]: patch p vs key patch q
+    batch, patches, _ = logits.shape
+    target = torch.arange(patches, device=q.device).repeat(batch)
+    return F.cross_entropy(logits.reshape(batch * patches, patches), target)

@@ -1,0 +1,407 @@
+"""Driver-side client of the sharded memory bank. Picklable: pass it into Ray Train workers.
+
+    bank = MemoryBank.create(num_samples=N, dim=128, num_shards=2, num_clusters=10_000, momentum=0.5)
+    bank.set_features(ids, feats)                 # initial features (e.g. one pass of the encoder)
+    bank.init_clusters(iters=10)                  # global k-means across the shards
+    pos, neg = bank.intra(q, ids, 16384, 0.1)     # NPID branch: bank feature + K random negatives
+    pos, neg = bank.inter(q, ids, 16384, "semi_hard", 0.1)   # InterCLR branch
+    loss = interclr_loss(info_nce_from_logits(pos, neg, 0.1),
+                         info_nce_from_logits(pos2, neg2, 0.1, margin=-0.5))
+    bank.update(ids, feats)                       # Eq. 2 + Eq. 3 + running-mean centroids
+
+`pos` [B] is the cosine of each (normalised) query with its positive; `neg` [B, 1] folds all K
+negatives into one value whose gradient is exact (bank.autograd). Ids are global sample ids
+0..N-1; shard s owns ids ≡ s (mod S).
+
+Momentum convention (InterCLR Eq. 2): v̂ ← (1 - ω)·v̂ + ω·v with ω = `momentum`; ω = 1 replaces
+the stored feature (MoCo-InterCLR), ω = 0.5 is NPIDv2's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from bank.autograd import combine_shards, folded_negative_similarity
+from bank.kmeans import kmeans_plus_plus, normalized_mutual_info, split_empty_clusters
+from bank.shard import STRATEGIES, BankShard, BankStateError
+
+log = logging.getLogger("viewbank.bank")
+
+
+class MemoryBank:
+    def __init__(self, shards: list, config: dict):
+        self.shards = shards
+        self.config = config
+        self.num_samples, self.dim = config["num_samples"], config["dim"]
+        self.num_shards, self.num_clusters = config["num_shards"], config["num_clusters"]
+        self.momentum = config["momentum"]
+        self.rows = np.array([len(range(s, self.num_samples, self.num_shards)) for s in range(self.num_shards)])
+        self._rng = np.random.default_rng(config["seed"])
+
+    # --- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, num_samples: int, dim: int, num_shards: int = 1, num_clusters: int = 10_000,
+               momentum: float = 0.5, seed: int = 0, dtype: str = "float32", snapshot_root: str | None = None,
+               true_labels: np.ndarray | None = None, actor_options: dict | list[dict] | None = None,
+               max_restarts: int = -1) -> "MemoryBank":
+        """Start `num_shards` bank actors (num_cpus=0 by default; `actor_options` per shard or for
+        all, e.g. {"num_gpus": 1} or a placement-group scheduling strategy). `snapshot_root` is where
+        `save()` writes by default and where a restarted shard restores from. `true_labels` [N]
+        (e.g. `Manifest.labels()`) enables NMI in `stats()`."""
+        if num_samples <= 0 or dim <= 0 or num_shards <= 0 or num_clusters <= 0:
+            raise ValueError("num_samples, dim, num_shards and num_clusters must be positive")
+        if num_clusters > num_samples:
+            raise ValueError(f"num_clusters ({num_clusters}) exceeds num_samples ({num_samples})")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum ω must be in (0, 1] (Eq. 2: v̂ ← (1-ω)v̂ + ωv), got {momentum}")
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        if true_labels is not None and len(true_labels) != num_samples:
+            raise ValueError(f"true_labels has {len(true_labels)} entries for {num_samples} samples")
+        config = {"num_samples": num_samples, "dim": dim, "num_shards": num_shards, "num_clusters": num_clusters,
+                  "momentum": momentum, "seed": seed, "dtype": dtype, "snapshot_root": snapshot_root,
+                  "max_restarts": max_restarts}
+        options = actor_options if isinstance(actor_options, list) else [actor_options or {}] * num_shards
+        remote = ray.remote(BankShard)
+        shards = []
+        for s in range(num_shards):
+            opts = {"num_cpus": 0, "max_restarts": max_restarts, "max_task_retries": 0, **options[s]}
+            labels = None if true_labels is None else np.asarray(true_labels)[s::num_shards]
+            shards.append(remote.options(**opts).remote(s, num_shards, num_samples, dim, num_clusters, dtype,
+                                                        "auto", snapshot_root, labels))
+        bank = cls(shards, config)
+        ray.get([shard.ping.remote() for shard in shards])
+        return bank
+
+    @classmethod
+    def load(cls, directory: str, snapshot_root: str | None = None, true_labels: np.ndarray | None = None,
+             actor_options: dict | list[dict] | None = None) -> "MemoryBank":
+        """Recreate a bank from `save(directory)`: features, labels, centroids and step."""
+        meta_path = Path(directory) / "bank.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path} not found: not a bank snapshot")
+        meta = json.loads(meta_path.read_text())
+        bank = cls.create(meta["num_samples"], meta["dim"], meta["num_shards"], meta["num_clusters"],
+                          meta["momentum"], meta["seed"], meta["dtype"],
+                          snapshot_root or meta.get("snapshot_root"), true_labels, actor_options,
+                          meta.get("max_restarts", -1))
+        bank._restore_all(str(directory))
+        return bank
+
+    def shutdown(self) -> None:
+        for shard in self.shards:
+            ray.kill(shard, no_restart=True)
+
+    # --- input checks ----------------------------------------------------------------------------
+
+    def _ids(self, ids, allow_duplicates: bool = True) -> np.ndarray:
+        ids = np.asarray(torch.as_tensor(ids).cpu(), dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_samples):
+            bad = ids[(ids < 0) | (ids >= self.num_samples)][0]
+            raise ValueError(f"id {bad} out of range for a bank of {self.num_samples} samples (0..{self.num_samples - 1})")
+        if not allow_duplicates and len(np.unique(ids)) != len(ids):
+            raise ValueError("duplicate ids in one update: each sample may be updated once per call")
+        return ids
+
+    def _feats(self, feats, count: int) -> np.ndarray:
+        feats = torch.as_tensor(feats).detach().float().cpu().numpy()
+        if feats.ndim != 2 or feats.shape != (count, self.dim):
+            raise ValueError(f"features must be [{count}, {self.dim}], got {list(feats.shape)}")
+        if not np.isfinite(feats).all():
+            raise ValueError("features contain NaN or inf; the bank was left unchanged")
+        return feats
+
+    # --- remote calls with recovery --------------------------------------------------------------
+
+    def _owners(self, ids: np.ndarray) -> list[np.ndarray]:
+        """Positions in `ids` owned by each shard."""
+        shard_of = ids % self.num_shards
+        return [np.flatnonzero(shard_of == s) for s in range(self.num_shards)]
+
+    def _call(self, calls):
+        """calls: list of (shard_index, method, args, kwargs). One ray.get for the fan-out; if a shard
+        died or restarted, restore every shard from the last snapshot and retry once."""
+        for attempt in (0, 1):
+            refs = [getattr(self.shards[s], m).remote(*a, **k) for s, m, a, k in calls]
+            try:
+                return ray.get(refs)
+            except (ray.exceptions.RayActorError, BankStateError) as exc:
+                if attempt == 1:
+                    raise
+                log.warning("bank shard failure (%s); restoring all shards from the last snapshot",
+                            str(exc).splitlines()[0])
+                self._recover()
+
+    def _recover(self) -> None:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                ray.get([s.ping.remote() for s in self.shards], timeout=30)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        root = self.config.get("snapshot_root")
+        pointer = Path(root) / "LATEST" if root else None
+        if pointer is None or not pointer.exists():
+            raise BankStateError("a bank shard was restarted and no snapshot exists to restore it from "
+                                 "(create the bank with snapshot_root and call save() periodically)")
+        self._restore_all(str(Path(root) / pointer.read_text().strip()))
+
+    def _restore_all(self, directory: str) -> None:
+        partials = ray.get([s.restore.remote(directory) for s in self.shards])
+        centroids = torch.load(Path(directory) / "shard-0000.pt")["centroids"].numpy()
+        self._broadcast_replicas(partials, centroids)
+
+    def _broadcast_replicas(self, partials: list[dict], centroids: np.ndarray) -> None:
+        sums = np.sum([p["sums"] for p in partials], axis=0)
+        counts = np.stack([p["counts"] for p in partials])
+        total = counts.sum(axis=0)
+        alive = total > 0
+        centroids = centroids.copy()
+        centroids[alive] = (sums[alive] / total[alive, None]).astype(np.float32)
+        ray.get([s.set_replicas.remote(sums, counts, centroids) for s in self.shards])
+
+    # --- reads and writes ------------------------------------------------------------------------
+
+    def _gather(self, ids: np.ndarray, method: str, width: int | None, dtype) -> np.ndarray:
+        owners = self._owners(ids)
+        calls = [(s, method, (ids[pos],), {}) for s, pos in enumerate(owners) if len(pos)]
+        out = np.zeros((len(ids), width) if width else len(ids), dtype=dtype)
+        for (s, _, _, _), part in zip(calls, self._call(calls)):
+            out[owners[s]] = part
+        return out
+
+    def get(self, ids) -> torch.Tensor:
+        """Stored (normalised) features [B, D] float32."""
+        return torch.from_numpy(self._gather(self._ids(ids), "get", self.dim, np.float32))
+
+    def labels(self, ids) -> torch.Tensor:
+        """Pseudo-labels [B] int64 (-1 before `init_clusters`)."""
+        return torch.from_numpy(self._gather(self._ids(ids), "get_labels", None, np.int64))
+
+    def set_features(self, ids, feats) -> None:
+        """Write features as they are (normalised, no momentum, no relabel): initial features."""
+        ids = self._ids(ids, allow_duplicates=False)
+        feats = self._feats(feats, len(ids))
+        owners = self._owners(ids)
+        self._call([(s, "set_features", (ids[pos], feats[pos]), {}) for s, pos in enumerate(owners) if len(pos)])
+
+    def update(self, ids, feats) -> None:
+        """Eq. 2 momentum update and re-normalisation, Eq. 3 relabel of each updated row, and the
+        running means of the centroids updated with every member change."""
+        ids = self._ids(ids, allow_duplicates=False)
+        feats = self._feats(feats, len(ids))
+        owners = self._owners(ids)
+        deltas = self._call([(s, "update", (ids[pos], feats[pos], self.momentum), {})
+                             for s, pos in enumerate(owners)])
+        self._call([(s, "apply_deltas", (deltas,), {}) for s in range(self.num_shards)])
+
+    # --- queries ---------------------------------------------------------------------------------
+
+    def _anchors(self, ids: np.ndarray) -> dict:
+        owners = self._owners(ids)
+        calls = [(s, "anchor_info", (ids[pos],), {}) for s, pos in enumerate(owners) if len(pos)]
+        info = {"feats": np.zeros((len(ids), self.dim), np.float32), "labels": np.zeros(len(ids), np.int64),
+                "cluster_counts": np.zeros((len(ids), self.num_shards), np.int64)}
+        for (s, _, _, _), part in zip(calls, self._call(calls)):
+            for key in info:
+                info[key][owners[s]] = part[key]
+        return info
+
+    def _shares(self, ids: np.ndarray, labels: np.ndarray | None, cluster_counts: np.ndarray, k: int,
+                strategy: str, pool_fraction: float, rng: np.random.Generator) -> np.ndarray:
+        """[S, B] negatives each shard draws for each query. Random and pool strategies draw from the
+        union of the shards' candidate sets uniformly (multinomial ∝ candidates); `hard` splits K
+        ∝ candidates, each shard returning its nearest."""
+        allowed = np.broadcast_to(self.rows, (len(ids), self.num_shards)).astype(np.float64).copy()
+        if labels is not None:
+            allowed -= cluster_counts
+        else:
+            allowed[np.arange(len(ids)), ids % self.num_shards] -= 1  # the anchor itself
+        if strategy in ("semi_hard", "semi_easy") and labels is not None:
+            candidates = np.minimum(np.ceil(pool_fraction * allowed), allowed)
+        else:
+            candidates = allowed
+        totals = candidates.sum(axis=1, keepdims=True)
+        if (totals == 0).any():
+            raise BankStateError("a query has no allowed negatives (its cluster holds every sample)")
+        p = candidates / totals
+        if strategy == "hard" and labels is not None:
+            exact = p * k
+            shares = np.floor(exact).astype(np.int64)
+            remainder = k - shares.sum(axis=1)
+            order = np.argsort(-(exact - shares), axis=1)
+            for i, r in enumerate(remainder):
+                shares[i, order[i, :r]] += 1
+        else:
+            shares = rng.multinomial(k, p)
+        return shares.T
+
+    def _score(self, query: torch.Tensor, ids: np.ndarray, k: int, strategy: str, temperature: float,
+               pool_fraction: float, seed: int | None, inter: bool, return_ids: bool = False):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+        if not 0.0 < pool_fraction <= 1.0:
+            raise ValueError(f"pool_fraction must be in (0, 1], got {pool_fraction}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if query.dim() != 2 or query.shape != (len(ids), self.dim):
+            raise ValueError(f"query must be [{len(ids)}, {self.dim}], got {list(query.shape)}")
+        seed = int(self._rng.integers(2**31)) if seed is None else seed
+        rng = np.random.default_rng(seed)
+        anchors = self._anchors(ids)
+        if inter and (anchors["labels"] < 0).any():
+            raise BankStateError("inter queries need pseudo-labels: call init_clusters() first")
+        labels = anchors["labels"] if inter else None
+        shares = self._shares(ids, labels, anchors["cluster_counts"], k, strategy, pool_fraction, rng)
+        q = torch.nn.functional.normalize(query, dim=1)
+        q_np = q.detach().float().cpu().numpy()
+        anchor_labels = anchors["labels"] if inter else np.full(len(ids), -1)
+        calls = [(s, "score", (q_np, ids, anchor_labels, shares[s], strategy, temperature, pool_fraction,
+                               seed), {"want_positive": inter, "return_ids": return_ids})
+                 for s in range(self.num_shards)]
+        return q, anchors, rng, self._call(calls)
+
+    def intra(self, query: torch.Tensor, ids, num_negatives: int, temperature: float,
+              seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """NPID branch (InterCLR Eq. 1): positive = the bank feature of each anchor; negatives =
+        `num_negatives` rows drawn uniformly from the rest of the bank. Returns (pos [B] cosine,
+        neg [B, 1] folded negatives) for `losses.info_nce_from_logits`."""
+        ids = self._ids(ids)
+        q, anchors, _, answers = self._score(query, ids, num_negatives, "random", temperature, 0.1, seed, False)
+        positive = torch.as_tensor(anchors["feats"], dtype=q.dtype, device=q.device)
+        lse, mean = combine_shards([a["lse"] for a in answers], [a["mean"] for a in answers])
+        return (q * positive).sum(dim=1), folded_negative_similarity(q, lse, mean, temperature)
+
+    def inter(self, query: torch.Tensor, ids, num_negatives: int, strategy: str = "semi_hard",
+              temperature: float = 0.1, pool_fraction: float = 0.1,
+              seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """InterCLR branch (Sect. 4.2): positive = a random other member of the anchor's cluster
+        (the anchor's own bank feature when it is alone); `num_negatives` from other clusters by
+        `strategy`. `num_negatives=0` returns only the positive (BYOL-InterCLR)."""
+        ids = self._ids(ids)
+        q, anchors, rng, answers = self._score(query, ids, num_negatives, strategy, temperature,
+                                               pool_fraction, seed, True)
+        positive, _ = self._pick_positive(ids, anchors, answers, rng)
+        pos = (q * torch.as_tensor(positive, dtype=q.dtype, device=q.device)).sum(dim=1)
+        if num_negatives == 0:
+            return pos, None
+        lse, mean = combine_shards([a["lse"] for a in answers], [a["mean"] for a in answers])
+        return pos, folded_negative_similarity(q, lse, mean, temperature)
+
+    def _pick_positive(self, ids: np.ndarray, anchors: dict, answers: list[dict],
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Each shard proposed a uniform member of the anchor's cluster; choosing shard s with
+        probability ∝ its member count makes the pick uniform over the whole cluster."""
+        counts = np.stack([a["positive_count"] for a in answers], axis=1).astype(np.float64)  # [B, S]
+        candidates = np.stack([a["positive"] for a in answers], axis=1)  # [B, S, D]
+        candidate_ids = np.stack([a["positive_id"] for a in answers], axis=1)  # [B, S]
+        positive, positive_ids = anchors["feats"].copy(), ids.copy()  # alone in its cluster: itself
+        for i in np.flatnonzero(counts.sum(axis=1) > 0):
+            shard = rng.choice(self.num_shards, p=counts[i] / counts[i].sum())
+            positive[i], positive_ids[i] = candidates[i, shard], candidate_ids[i, shard]
+        return positive, positive_ids
+
+    def sample_inter(self, query: torch.Tensor, ids, num_negatives: int, strategy: str,
+                     pool_fraction: float = 0.1, seed: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The global ids an `inter` query with the same seed draws: positive ids [B] and the
+        negative ids of each query (for tests and the negatives figure, InterCLR Fig. 11)."""
+        ids = self._ids(ids)
+        _, anchors, rng, answers = self._score(query, ids, num_negatives, strategy, 1.0, pool_fraction, seed,
+                                               True, return_ids=True)
+        _, positive_ids = self._pick_positive(ids, anchors, answers, rng)
+        return positive_ids, [np.concatenate([a["ids"][i] for a in answers]) for i in range(len(ids))]
+
+    # --- clustering ------------------------------------------------------------------------------
+
+    def init_clusters(self, iters: int = 10, init: str = "kmeans++", seed: int | None = None,
+                      init_sample: int | None = None, initial_centroids: np.ndarray | None = None) -> dict:
+        """Global k-means across the shards (Lloyd): every iteration each shard assigns its rows to
+        the broadcast centroids and returns per-cluster sums and counts; the driver reduces them.
+        Seeding: "kmeans++" on a uniform sample of `init_sample` rows (default 40·C, as faiss
+        samples), "random" = C distinct sampled rows, or `initial_centroids`. Empty clusters are
+        split from large ones (faiss's rule). Returns the inertia per iteration and the seeds."""
+        seed = self.config["seed"] if seed is None else seed
+        rng = np.random.default_rng(seed)
+        c = self.num_clusters
+        if initial_centroids is not None:
+            centroids = np.asarray(initial_centroids, dtype=np.float32).copy()
+            if centroids.shape != (c, self.dim):
+                raise ValueError(f"initial_centroids must be [{c}, {self.dim}], got {list(centroids.shape)}")
+        elif init in ("kmeans++", "random"):
+            sample_size = c if init == "random" else min(self.num_samples, init_sample or 40 * c)
+            sample = self._sample_rows(sample_size, rng)
+            centroids = sample[:c].copy() if init == "random" else kmeans_plus_plus(sample, c, rng)
+        else:
+            raise ValueError(f"init must be 'kmeans++' or 'random', got {init!r}")
+        seeds = centroids.copy()
+        history, splits = [], 0
+        for _ in range(iters):
+            partials = self._call([(s, "assign_partial", (centroids,), {}) for s in range(self.num_shards)])
+            sums = np.sum([p["sums"] for p in partials], axis=0)
+            counts = np.sum([p["counts"] for p in partials], axis=0)
+            history.append(float(sum(p["inertia"] for p in partials)))
+            alive = counts > 0
+            centroids[alive] = (sums[alive] / counts[alive, None]).astype(np.float32)
+            splits += split_empty_clusters(centroids, counts, rng)
+        partials = self._call([(s, "set_clusters", (centroids,), {}) for s in range(self.num_shards)])
+        final_inertia = float(sum(p["inertia"] for p in partials))
+        self._broadcast_replicas(partials, centroids)
+        return {"inertia": history + [final_inertia], "initial_centroids": seeds, "empty_splits": splits}
+
+    def _sample_rows(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        ids = rng.choice(self.num_samples, size=count, replace=False)
+        return self.get(ids).numpy()
+
+    def centroids(self) -> np.ndarray:
+        return self._call([(0, "cluster_state", (), {})])[0]["centroids"]
+
+    # --- stats and snapshots ---------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Cluster sizes, label change ratio since the last call, bank step, and NMI of the
+        pseudo-labels against the true labels when the bank was given them."""
+        state = self._call([(0, "cluster_state", (), {})])[0]
+        local = self._call([(s, "local_stats", (), {}) for s in range(self.num_shards)])
+        sizes = state["counts"].sum(axis=0)
+        updated = sum(p["updated"] for p in local)
+        result = {
+            "step": max(p["step"] for p in local),
+            "cluster_size_min": int(sizes.min()), "cluster_size_median": float(np.median(sizes)),
+            "cluster_size_max": int(sizes.max()), "empty_clusters": int((sizes == 0).sum()),
+            "label_change_ratio": (sum(p["changed"] for p in local) / updated) if updated else 0.0,
+        }
+        if "pairs" in local[0]:
+            pairs = np.concatenate([p["pairs"] for p in local])
+            counts = np.concatenate([p["pair_counts"] for p in local])
+            unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
+            result["nmi"] = normalized_mutual_info(unique, np.bincount(inverse.reshape(-1), weights=counts))
+        return result
+
+    def save(self, directory: str | None = None) -> str:
+        """Write every shard's features, labels, centroids and step, plus bank.json; with no
+        directory, a new step folder under `snapshot_root`, which becomes LATEST (the snapshot a
+        restarted shard restores from)."""
+        root = self.config.get("snapshot_root")
+        if directory is None:
+            if root is None:
+                raise ValueError("save() needs a directory, or create the bank with snapshot_root")
+            step = self.stats()["step"]
+            directory = str(Path(root) / f"step-{step:09d}")
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self._call([(s, "save", (directory,), {}) for s in range(self.num_shards)])
+        (Path(directory) / "bank.json").write_text(json.dumps(self.config, indent=1))
+        if root is not None and Path(directory).resolve().parent == Path(root).resolve():
+            tmp = Path(root) / "LATEST.partial"
+            tmp.write_text(Path(directory).name)
+            tmp.replace(Path(root) / "LATEST")
+        return directory

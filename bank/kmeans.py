@@ -1,0 +1,86 @@
+"""k-means pieces shared by the bank shards (assignment) and the driver (init, empty-cluster split)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+ASSIGN_CHUNK = 4096
+
+
+def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor,
+                     half_sq_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """InterCLR Eq. 3: argmin_c ‖v - c‖² for each row, computed as argmax_c (v·c - ‖c‖²/2) in
+    chunks (never an N×C matrix). Returns (labels int64 [N], squared distances float64 [N])."""
+    centroids = centroids.to(torch.float32)
+    if half_sq_norms is None:
+        half_sq_norms = 0.5 * centroids.pow(2).sum(dim=1)
+    labels = torch.empty(feats.shape[0], dtype=torch.int64, device=feats.device)
+    distances = torch.empty(feats.shape[0], dtype=torch.float64, device=feats.device)
+    for start in range(0, feats.shape[0], ASSIGN_CHUNK):
+        chunk = feats[start:start + ASSIGN_CHUNK].to(torch.float32)
+        score = chunk @ centroids.T - half_sq_norms  # [n, C]
+        best, label = score.max(dim=1)
+        labels[start:start + len(chunk)] = label
+        sq = chunk.pow(2).sum(dim=1) - 2 * best  # ‖v‖² - 2(v·c - ‖c‖²/2) = ‖v - c‖²
+        distances[start:start + len(chunk)] = sq.clamp_min(0).to(torch.float64)
+    return labels, distances
+
+
+def kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii) on `points` [n, D]: each next centre drawn with
+    probability ∝ squared distance to the nearest chosen one."""
+    n = points.shape[0]
+    if k > n:
+        raise ValueError(f"k-means++ needs at least k={k} points, got {n}")
+    x = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
+    centres = [int(rng.integers(n))]
+    closest = (x - x[centres[0]]).pow(2).sum(dim=1).double()
+    for _ in range(1, k):
+        total = float(closest.sum())
+        if total <= 0:  # fewer distinct points than k: fall back to unchosen points
+            remaining = np.setdiff1d(np.arange(n), centres)
+            centres.append(int(rng.choice(remaining)))
+        else:
+            centres.append(int(rng.choice(n, p=(closest / total).numpy())))
+        closest = torch.minimum(closest, (x - x[centres[-1]]).pow(2).sum(dim=1).double())
+    return points[centres].astype(np.float32)
+
+
+def split_empty_clusters(centroids: np.ndarray, counts: np.ndarray, rng: np.random.Generator,
+                         eps: float = 1.0 / 1024) -> int:
+    """Give every empty cluster half of a large one, as faiss does: pick a cluster with probability
+    ∝ (size - 1), copy its centroid with a symmetric perturbation, split its count. In place;
+    returns the number of clusters split."""
+    split = 0
+    for empty in np.flatnonzero(counts == 0):
+        weights = np.maximum(counts - 1, 0).astype(np.float64)
+        if weights.sum() == 0:
+            break
+        donor = int(rng.choice(len(counts), p=weights / weights.sum()))
+        sign = np.where(np.arange(centroids.shape[1]) % 2 == 0, 1.0, -1.0)
+        centroids[empty] = centroids[donor] * (1 + sign * eps)
+        centroids[donor] = centroids[donor] * (1 - sign * eps)
+        counts[empty] = counts[donor] // 2
+        counts[donor] -= counts[empty]
+        split += 1
+    return split
+
+
+def normalized_mutual_info(pairs: np.ndarray, pair_counts: np.ndarray) -> float:
+    """NMI (arithmetic normalisation, as sklearn's default) from a sparse contingency table given as
+    unique (pseudo_label, true_label) rows and their counts."""
+    n = pair_counts.sum()
+    if n == 0:
+        return float("nan")
+    _, a_index = np.unique(pairs[:, 0], return_inverse=True)
+    _, b_index = np.unique(pairs[:, 1], return_inverse=True)
+    a_sizes = np.bincount(a_index, weights=pair_counts)
+    b_sizes = np.bincount(b_index, weights=pair_counts)
+    p = pair_counts / n
+    mutual = float(np.sum(p * (np.log(pair_counts * n) - np.log(a_sizes[a_index] * b_sizes[b_index]))))
+    h_a = float(-np.sum((a_sizes / n) * np.log(a_sizes / n)))
+    h_b = float(-np.sum((b_sizes / n) * np.log(b_sizes / n)))
+    if h_a == 0 and h_b == 0:
+        return 1.0
+    denominator = (h_a + h_b) / 2
+    return max(0.0, mutual / denominator) if denominator > 0 else 0.0

@@ -1,0 +1,425 @@
+"""One shard of the memory bank: a Ray actor that owns the rows of ids ≡ shard (mod num_shards).
+
+State (torch tensors on the actor's device):
+- `feats` [n, D] fp32 or fp16, L2-normalised; `labels` [n] int64 pseudo-labels (-1 before k-means).
+- A replica of the global cluster state, identical on every shard: `sums` [C, D] float64 (sum of
+  member features), `counts` [S, C] int64 (members of each cluster on each shard), `centroids`
+  [C, D] = sums / counts (an emptied cluster keeps its last centroid). Every update's change is
+  broadcast to all shards by the client, so relabelling (Eq. 3) happens near the data.
+- `members[c]`: this shard's rows in cluster c, with `slot[row]` its position there — "random member
+  of c" is O(1) and a relabel is an O(1) swap-remove. "Not in c" is rejection sampling, which
+  rejects about |c|/n of the draws.
+
+Queries never ship B×K×D features: for InfoNCE-type losses a shard returns, per query, the
+log-sum-exp of its negative logits and the softmax-weighted mean of those negatives' features —
+the loss and its exact gradient with respect to the query follow from these (see bank.autograd).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bank.kmeans import nearest_centroid
+
+STRATEGIES = ("hard", "semi_hard", "random", "semi_easy")
+GATHER_BYTES = 64 << 20  # cap on gathered [b, k, D] features per chunk
+SCORE_BYTES = 256 << 20  # cap on a [b, n] similarity chunk
+
+
+class BankStateError(RuntimeError):
+    """The shard cannot answer truthfully (restarted without a snapshot, or not yet restored)."""
+
+
+class BankShard:
+    def __init__(self, shard_index: int, num_shards: int, num_samples: int, dim: int, num_clusters: int,
+                 dtype: str = "float32", device: str = "auto", snapshot_root: str | None = None,
+                 true_labels: np.ndarray | None = None):
+        self.shard_index, self.num_shards = shard_index, num_shards
+        self.num_samples, self.dim, self.num_clusters = num_samples, dim, num_clusters
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.storage = {"float32": torch.float32, "float16": torch.float16}[dtype]
+        self.rows = len(range(shard_index, num_samples, num_shards))
+        self.snapshot_root = snapshot_root
+        self.true_labels = None if true_labels is None else torch.tensor(np.asarray(true_labels), dtype=torch.int64)
+        self.generation = 0
+        self.state_error: str | None = None
+        self._empty_state()
+        if _reconstructed():
+            self.generation = 1
+            latest = _latest_snapshot(snapshot_root)
+            if latest is None:
+                self.state_error = (f"bank shard {shard_index} was restarted and has no snapshot to restore "
+                                    "from; its features are lost (save() the bank to enable restore)")
+            else:
+                self.restore(str(latest))
+                self.state_error = f"bank shard {shard_index} restored from {latest}; replicas need a resync"
+
+    # --- state -------------------------------------------------------------------------------
+
+    def _empty_state(self) -> None:
+        g = torch.Generator().manual_seed(1_000_003 * self.shard_index + 17)
+        init = torch.randn(self.rows, self.dim, generator=g)
+        self.feats = torch.nn.functional.normalize(init, dim=1).to(self.device, self.storage)
+        self.labels = torch.full((self.rows,), -1, dtype=torch.int64, device=self.device)
+        self.sums = torch.zeros(self.num_clusters, self.dim, dtype=torch.float64, device=self.device)
+        self.counts = torch.zeros(self.num_shards, self.num_clusters, dtype=torch.int64, device=self.device)
+        self.centroids = torch.zeros(self.num_clusters, self.dim, dtype=torch.float32, device=self.device)
+        self.step = 0
+        self.updated_rows = self.changed_rows = 0
+        self._rebuild_members()
+
+    def _check(self) -> None:
+        if self.state_error is not None:
+            raise BankStateError(self.state_error)
+
+    def _rebuild_members(self) -> None:
+        labels = self.labels.cpu().numpy()
+        order = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[order], np.arange(self.num_clusters + 1))
+        self.members = [order[bounds[c]:bounds[c + 1]].tolist() for c in range(self.num_clusters)]
+        self.slot = np.empty(self.rows, dtype=np.int64)
+        for rows in self.members:
+            self.slot[rows] = np.arange(len(rows))
+
+    def _move(self, row: int, old: int, new: int) -> None:
+        if old >= 0:
+            members = self.members[old]
+            last = members.pop()
+            if last != row:
+                members[self.slot[row]] = last
+                self.slot[last] = self.slot[row]
+        if new >= 0:
+            self.slot[row] = len(self.members[new])
+            self.members[new].append(row)
+
+    def _tensor(self, array, dtype=None) -> torch.Tensor:
+        """Arrays from ray.get are read-only (zero-copy); copy only those before torch sees them."""
+        return torch.as_tensor(np.require(array, requirements="W"), dtype=dtype, device=self.device)
+
+    def _local(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(ids) // self.num_shards, dtype=torch.int64, device=self.device)
+
+    def ping(self) -> dict:
+        return {"shard": self.shard_index, "generation": self.generation, "rows": self.rows,
+                "step": self.step, "device": str(self.device), "error": self.state_error}
+
+    # --- reads and writes ----------------------------------------------------------------------
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        self._check()
+        return self.feats[self._local(ids)].float().cpu().numpy()
+
+    def get_labels(self, ids: np.ndarray) -> np.ndarray:
+        self._check()
+        return self.labels[self._local(ids)].cpu().numpy()
+
+    def set_features(self, ids: np.ndarray, feats: np.ndarray) -> None:
+        """Bulk write without momentum (initial features before k-means)."""
+        self._check()
+        values = torch.nn.functional.normalize(self._tensor(feats).float(), dim=1)
+        self.feats[self._local(ids)] = values.to(self.storage)
+
+    def update(self, ids: np.ndarray, feats: np.ndarray, momentum: float) -> dict:
+        """Eq. 2 (v̂ ← (1-ω)v̂ + ωv, re-normalised, ω = `momentum`), then Eq. 3 (relabel to the
+        nearest centroid). Returns this shard's change to the cluster sums/counts; the client
+        broadcasts it to every shard (`apply_deltas`), this one included."""
+        self._check()
+        rows = self._local(ids)
+        new = self._tensor(feats).float()
+        old = self.feats[rows].float()
+        blended = torch.nn.functional.normalize((1 - momentum) * old + momentum * new, dim=1)
+        stored = blended.to(self.storage)
+        self.feats[rows] = stored
+        old_labels = self.labels[rows].clone()
+        clustered = old_labels >= 0
+        new_labels = old_labels.clone()
+        if bool(clustered.any()):
+            new_labels[clustered] = nearest_centroid(stored[clustered], self.centroids)[0]
+        self.labels[rows] = new_labels
+        changed = torch.nonzero(new_labels != old_labels).flatten().cpu().numpy()
+        rows_np, old_np, new_np = rows.cpu().numpy(), old_labels.cpu().numpy(), new_labels.cpu().numpy()
+        for i in changed:
+            self._move(int(rows_np[i]), int(old_np[i]), int(new_np[i]))
+        self.step += 1
+        self.updated_rows += int(clustered.sum())
+        self.changed_rows += len(changed)
+        # delta of the float64 sums: remove the old stored values, add the new, per cluster
+        touched = torch.unique(torch.cat([old_labels[clustered], new_labels[clustered]]))
+        position = torch.full((self.num_clusters,), -1, dtype=torch.int64, device=self.device)
+        position[touched] = torch.arange(len(touched), device=self.device)
+        delta = torch.zeros(len(touched), self.dim, dtype=torch.float64, device=self.device)
+        delta.index_add_(0, position[new_labels[clustered]], stored[clustered].double())
+        delta.index_add_(0, position[old_labels[clustered]], -old[clustered].to(self.storage).double())
+        delta_counts = (torch.bincount(position[new_labels[clustered]], minlength=len(touched))
+                        - torch.bincount(position[old_labels[clustered]], minlength=len(touched)))
+        return {"shard": self.shard_index, "clusters": touched.cpu().numpy(), "sums": delta.cpu().numpy(),
+                "counts": delta_counts.cpu().numpy()}
+
+    def apply_deltas(self, deltas: list[dict]) -> None:
+        for delta in deltas:
+            clusters = torch.as_tensor(delta["clusters"], dtype=torch.int64, device=self.device)
+            if len(clusters) == 0:
+                continue
+            self.sums[clusters] += self._tensor(delta["sums"])
+            self.counts[delta["shard"], clusters] += self._tensor(delta["counts"])
+            self._refresh_centroids(clusters)
+
+    def _refresh_centroids(self, clusters: torch.Tensor) -> None:
+        total = self.counts[:, clusters].sum(dim=0)
+        alive = total > 0
+        self.centroids[clusters[alive]] = (self.sums[clusters[alive]] / total[alive, None]).float()
+
+    # --- k-means -------------------------------------------------------------------------------
+
+    def sample_features(self, count: int, seed: int) -> np.ndarray:
+        g = torch.Generator().manual_seed(seed * 7919 + self.shard_index)
+        rows = torch.randperm(self.rows, generator=g)[:count].to(self.device)
+        return self.feats[rows].float().cpu().numpy()
+
+    def features_at(self, ids: np.ndarray) -> np.ndarray:
+        return self.get(ids)
+
+    def assign_partial(self, centroids: np.ndarray) -> dict:
+        """One Lloyd step near the data: assign rows, return per-cluster sums, counts, inertia."""
+        self._check()
+        c = self._tensor(centroids)
+        labels, distances = nearest_centroid(self.feats, c)
+        sums = torch.zeros(self.num_clusters, self.dim, dtype=torch.float64, device=self.device)
+        sums.index_add_(0, labels, self.feats.double())
+        counts = torch.bincount(labels, minlength=self.num_clusters)
+        return {"sums": sums.cpu().numpy(), "counts": counts.cpu().numpy(), "inertia": float(distances.sum())}
+
+    def set_clusters(self, centroids: np.ndarray) -> dict:
+        """Final k-means assignment: set labels and membership; return local sums and counts."""
+        self._check()
+        partial = self.assign_partial(centroids)
+        self.labels = nearest_centroid(self.feats, self._tensor(centroids))[0]
+        self._rebuild_members()
+        self.updated_rows = self.changed_rows = 0
+        return partial
+
+    def local_cluster_sums(self) -> dict:
+        clustered = self.labels >= 0
+        sums = torch.zeros(self.num_clusters, self.dim, dtype=torch.float64, device=self.device)
+        sums.index_add_(0, self.labels[clustered], self.feats[clustered].double())
+        counts = torch.bincount(self.labels[clustered], minlength=self.num_clusters)
+        return {"sums": sums.cpu().numpy(), "counts": counts.cpu().numpy()}
+
+    def set_replicas(self, sums: np.ndarray, counts: np.ndarray, centroids: np.ndarray) -> None:
+        self.sums = self._tensor(sums, torch.float64).clone()
+        self.counts = self._tensor(counts, torch.int64).clone()
+        self.centroids = self._tensor(centroids, torch.float32).clone()
+        if self.state_error is not None and self.state_error.endswith("need a resync"):
+            self.state_error = None
+
+    def cluster_state(self) -> dict:
+        return {"counts": self.counts.cpu().numpy(), "centroids": self.centroids.cpu().numpy()}
+
+    # --- queries -------------------------------------------------------------------------------
+
+    def anchor_info(self, ids: np.ndarray) -> dict:
+        """For anchors owned here: bank feature (the NPID positive), pseudo-label, and each shard's
+        member count of that cluster (to split draws across shards exactly)."""
+        self._check()
+        rows = self._local(ids)
+        labels = self.labels[rows]
+        counts = self.counts[:, labels.clamp_min(0)].T  # [B, S]
+        return {"feats": self.feats[rows].float().cpu().numpy(), "labels": labels.cpu().numpy(),
+                "cluster_counts": counts.cpu().numpy()}
+
+    def score(self, query: np.ndarray, anchor_ids: np.ndarray, anchor_labels: np.ndarray, shares: np.ndarray,
+              strategy: str, temperature: float, pool_fraction: float, seed: int,
+              want_positive: bool = False, return_ids: bool = False) -> dict:
+        """Draw `shares[i]` negatives for query i from this shard and reduce them for InfoNCE.
+
+        anchor_labels[i] = -1 means intra (NPID): any row but the anchor itself is a negative.
+        Otherwise negatives are rows of other clusters, chosen by `strategy` among this shard's
+        candidates: hard = the k nearest; semi_hard = k drawn without replacement from the
+        `pool_fraction` nearest; semi_easy = likewise from the farthest; random = iid uniform.
+        Returns per query: lse = log Σ_k exp(q·v_k/τ) (-inf when k = 0) and mean = Σ_k softmax_k·v_k;
+        with want_positive a random member of the anchor's cluster (not the anchor) and the number
+        of such members here.
+        """
+        self._check()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+        g = torch.Generator(device=self.device).manual_seed(int(seed) * 1_000_003 + self.shard_index)
+        q = self._tensor(query).float()
+        labels = self._tensor(anchor_labels, torch.int64)
+        shares_t = self._tensor(shares, torch.int64)
+        owner = torch.as_tensor(np.asarray(anchor_ids) % self.num_shards == self.shard_index, device=self.device)
+        anchor_rows = torch.where(owner, self._local(anchor_ids), torch.full_like(labels, -1))
+        batch = q.shape[0]
+        lse = torch.full((batch,), -math.inf, dtype=torch.float32, device=self.device)
+        mean = torch.zeros(batch, self.dim, dtype=torch.float32, device=self.device)
+        chosen_ids = [np.empty(0, dtype=np.int64)] * batch
+        k_max = int(shares_t.max()) if batch else 0
+        if k_max > 0:
+            if strategy == "random" or bool((labels < 0).all()):
+                select = self._sample_random
+            else:
+                select = self._sample_by_similarity
+            step = max(1, min(batch, GATHER_BYTES // max(1, k_max * self.dim * 4),
+                              SCORE_BYTES // max(1, self.rows * 4)))
+            for start in range(0, batch, step):
+                sl = slice(start, start + step)
+                rows, valid = select(q[sl], labels[sl], anchor_rows[sl], shares_t[sl], strategy,
+                                     pool_fraction, g)
+                feats = self.feats[rows].float()  # [b, k, D]
+                logits = torch.einsum("bd,bkd->bk", q[sl], feats) / temperature
+                logits = logits.masked_fill(~valid, -math.inf)
+                chunk_lse = torch.logsumexp(logits, dim=1)
+                weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # rows with k = 0 give zeros
+                lse[sl] = chunk_lse
+                mean[sl] = torch.einsum("bk,bkd->bd", weights, feats)
+                if return_ids:
+                    global_ids = (rows * self.num_shards + self.shard_index).cpu().numpy()
+                    valid_np = valid.cpu().numpy()
+                    for i in range(rows.shape[0]):
+                        chosen_ids[start + i] = global_ids[i][valid_np[i]]
+        result = {"lse": lse.cpu().numpy(), "mean": mean.cpu().numpy()}
+        if want_positive:
+            result.update(self._positives(labels, anchor_rows, g))
+        if return_ids:
+            result["ids"] = chosen_ids
+        return result
+
+    def _excluded(self, labels: torch.Tensor, anchor_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """True where rows[i, j] may not be a negative of query i."""
+        same = (rows == anchor_rows[:, None])
+        clustered = labels >= 0
+        return same | (clustered[:, None] & (self.labels[rows] == labels[:, None]))
+
+    def _sample_random(self, q, labels, anchor_rows, shares, strategy, pool_fraction, g):
+        """iid uniform draws among allowed rows, by rejection (rejects ≈ |cluster|/n of draws)."""
+        b, k_max = q.shape[0], int(shares.max())
+        rows = torch.zeros(b, k_max, dtype=torch.int64, device=self.device)
+        filled = torch.zeros(b, dtype=torch.int64, device=self.device)
+        for _ in range(64):
+            need = shares - filled
+            if bool((need <= 0).all()):
+                break
+            draws = int(need.max() * 1.25) + 8
+            candidate = torch.randint(self.rows, (b, draws), generator=g, device=self.device)
+            ok = ~self._excluded(labels, anchor_rows, candidate)
+            rank = ok.cumsum(dim=1) - 1 + filled[:, None]
+            keep = ok & (rank < shares[:, None])
+            rows[keep.nonzero(as_tuple=True)[0], rank[keep]] = candidate[keep]
+            filled = torch.minimum(shares, filled + ok.sum(dim=1))
+        if bool((filled < shares).any()):
+            raise BankStateError(f"bank shard {self.shard_index}: no allowed negatives left for some "
+                                 "queries (every row is in the anchor's cluster)")
+        valid = torch.arange(k_max, device=self.device)[None, :] < shares[:, None]
+        return rows, valid
+
+    def _sample_by_similarity(self, q, labels, anchor_rows, shares, strategy, pool_fraction, g):
+        """hard / semi_hard / semi_easy: rank this shard's allowed rows by cosine to the query."""
+        b, k_max = q.shape[0], int(shares.max())
+        sims = q @ self.feats.float().T  # [b, n]
+        excluded = (labels[:, None] >= 0) & (self.labels[None, :] == labels[:, None])
+        own = (anchor_rows >= 0).nonzero(as_tuple=True)[0]
+        excluded[own, anchor_rows[own]] = True
+        key = -sims if strategy == "semi_easy" else sims
+        key = key.masked_fill(excluded, -math.inf)
+        allowed = (~excluded).sum(dim=1)
+        if strategy == "hard":
+            pool = torch.minimum(shares, allowed)
+        else:
+            pool = torch.ceil(pool_fraction * allowed.double()).long().clamp(max=allowed)
+        pool_max = max(1, int(pool.max()))
+        ranked = torch.topk(key, pool_max, dim=1).indices  # [b, pool_max], nearest (or farthest) first
+        if strategy == "hard":
+            picks = torch.arange(k_max, device=self.device).expand(b, -1).clamp(max=pool_max - 1)
+        else:
+            # k positions without replacement among the first pool[i] (random keys, smallest k)
+            noise = torch.rand(b, pool_max, generator=g, device=self.device)
+            noise = noise.masked_fill(torch.arange(pool_max, device=self.device)[None, :] >= pool[:, None], 2.0)
+            picks = torch.topk(noise, min(k_max, pool_max), dim=1, largest=False).indices
+            if k_max > pool_max:  # pool smaller than k (tiny banks): repeat picks
+                picks = picks.repeat(1, math.ceil(k_max / pool_max))[:, :k_max]
+        rows = torch.gather(ranked, 1, picks)
+        limit = torch.minimum(shares, pool) if strategy == "hard" else shares
+        valid = (torch.arange(k_max, device=self.device)[None, :] < limit[:, None]) & (pool[:, None] > 0)
+        return rows, valid
+
+    def _positives(self, labels: torch.Tensor, anchor_rows: torch.Tensor, g: torch.Generator) -> dict:
+        batch = labels.shape[0]
+        feats = np.zeros((batch, self.dim), dtype=np.float32)
+        counts = np.zeros(batch, dtype=np.int64)
+        ids = np.full(batch, -1, dtype=np.int64)
+        uniforms = torch.rand(batch, generator=g, device=self.device).cpu().numpy()
+        anchors = anchor_rows.cpu().numpy()
+        for i, label in enumerate(labels.cpu().numpy()):
+            if label < 0:
+                continue
+            members = self.members[label]
+            own = anchors[i] >= 0 and self.labels[anchors[i]].item() == label
+            counts[i] = len(members) - int(own)
+            if counts[i] == 0:
+                continue
+            pick = int(uniforms[i] * counts[i])
+            if own and pick >= self.slot[anchors[i]]:
+                pick += 1  # skip the anchor itself
+            feats[i] = self.feats[members[pick]].float().cpu().numpy()
+            ids[i] = members[pick] * self.num_shards + self.shard_index
+        return {"positive": feats, "positive_count": counts, "positive_id": ids}
+
+    # --- stats and snapshots -------------------------------------------------------------------
+
+    def local_stats(self) -> dict:
+        self._check()
+        result = {"updated": self.updated_rows, "changed": self.changed_rows, "step": self.step}
+        self.updated_rows = self.changed_rows = 0
+        if self.true_labels is not None:
+            pairs = torch.stack([self.labels.cpu(), self.true_labels], dim=1)
+            unique, counts = torch.unique(pairs, dim=0, return_counts=True)
+            result["pairs"], result["pair_counts"] = unique.numpy(), counts.numpy()
+        return result
+
+    def save(self, directory: str) -> str:
+        self._check()
+        path = Path(directory) / f"shard-{self.shard_index:04d}.pt"
+        tmp = path.with_suffix(".partial")
+        torch.save({"feats": self.feats.cpu(), "labels": self.labels.cpu(), "centroids": self.centroids.cpu(),
+                    "step": self.step, "shard_index": self.shard_index, "num_shards": self.num_shards}, tmp)
+        os.replace(tmp, path)
+        return str(path)
+
+    def restore(self, directory: str) -> dict:
+        state = torch.load(Path(directory) / f"shard-{self.shard_index:04d}.pt", map_location=self.device)
+        if state["num_shards"] != self.num_shards or state["feats"].shape != (self.rows, self.dim):
+            raise BankStateError(f"snapshot {directory} does not match this bank's layout")
+        self.feats = state["feats"].to(self.device, self.storage)
+        self.labels = state["labels"].to(self.device)
+        self.centroids = state["centroids"].to(self.device)
+        self.step = state["step"]
+        self.updated_rows = self.changed_rows = 0
+        self._rebuild_members()
+        self.state_error = f"bank shard {self.shard_index} restored from {directory}; replicas need a resync"
+        return self.local_cluster_sums()
+
+
+def _reconstructed() -> bool:
+    import warnings
+    try:
+        import ray
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ray.get_runtime_context().was_current_actor_reconstructed
+    except Exception:  # not inside a Ray actor (direct use in tests)
+        return False
+
+
+def _latest_snapshot(root: str | None) -> Path | None:
+    if root is None:
+        return None
+    pointer = Path(root) / "LATEST"
+    if not pointer.exists():
+        return None
+    return Path(root) / pointer.read_text().strip()

@@ -1,0 +1,374 @@
+"""bank/: InterCLR Eq. 2/3 semantics, distributed k-means against faiss, shard-count invariance,
+sampling semantics on known geometry, exact folded gradients, shard failure, bad input."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bank import BankStateError, MemoryBank
+from bank.kmeans import normalized_mutual_info
+from losses import info_nce, info_nce_from_logits
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def blobs(n, k, d, noise, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = unit(rng.normal(size=(k, d)))
+    labels = rng.permutation(np.arange(n) % k)
+    return unit(centers[labels] + noise * rng.normal(size=(n, d))).astype(np.float32), labels
+
+
+@pytest.fixture
+def make_bank(ray_cluster):
+    banks = []
+
+    def make(*args, **kwargs):
+        bank = MemoryBank.create(*args, **kwargs)
+        banks.append(bank)
+        return bank
+
+    yield make
+    for bank in banks:
+        bank.shutdown()
+
+
+def clustered_bank(make_bank, n=600, k=6, d=8, noise=0.3, shards=1, seed=0, **kwargs):
+    x, truth = blobs(n, k, d, noise, seed)
+    bank = make_bank(n, d, num_shards=shards, num_clusters=k, seed=seed, **kwargs)
+    bank.set_features(np.arange(n), x)
+    bank.init_clusters(iters=10)
+    return bank, x, truth
+
+
+# --- Eq. 2 / Eq. 3 / running means ---------------------------------------------------------------
+
+def test_momentum_update_follows_eq2_and_leaves_other_rows(make_bank):
+    rng = np.random.default_rng(1)
+    old = unit(rng.normal(size=(40, 4)))
+    bank = make_bank(40, 4, num_shards=2, num_clusters=2, momentum=0.3)
+    bank.set_features(np.arange(40), old)
+    bank.init_clusters(iters=3, init="random")
+    ids = np.array([3, 7, 8, 20, 39])
+    new = rng.normal(size=(5, 4))
+    bank.update(ids, new)
+    expected = unit(0.7 * old[ids] + 0.3 * new)  # v̂ ← (1-ω)v̂ + ωv, ω = 0.3, re-normalised
+    np.testing.assert_allclose(bank.get(ids).numpy(), expected, atol=1e-6)
+    others = np.setdiff1d(np.arange(40), ids)
+    np.testing.assert_allclose(bank.get(others).numpy(), old[others], atol=1e-6)
+
+
+def test_update_relabels_each_row_to_its_nearest_centroid(make_bank):
+    bank, _, _ = clustered_bank(make_bank, shards=2)
+    centroids = bank.centroids()
+    ids = np.arange(0, 600, 7)
+    bank.update(ids, np.random.default_rng(2).normal(size=(len(ids), 8)))
+    feats = bank.get(ids).numpy()
+    distances = ((feats[:, None, :] - centroids[None]) ** 2).sum(-1)  # Eq. 3 by brute force
+    np.testing.assert_array_equal(bank.labels(ids).numpy(), distances.argmin(1))
+
+
+def test_centroids_equal_member_means_after_a_sequence_of_updates(make_bank):
+    bank, _, _ = clustered_bank(make_bank, shards=3)
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        ids = rng.choice(600, size=64, replace=False)
+        bank.update(ids, rng.normal(size=(64, 8)))
+    feats, labels = bank.get(np.arange(600)).numpy(), bank.labels(np.arange(600)).numpy()
+    centroids = bank.centroids()
+    for c in np.unique(labels):
+        np.testing.assert_allclose(centroids[c], feats[labels == c].mean(0), atol=1e-5)
+    assert bank.stats()["step"] == 10
+
+
+# --- k-means --------------------------------------------------------------------------------------
+
+def test_distributed_kmeans_recovers_blobs_and_matches_faiss_inertia(make_bank):
+    import faiss
+    from sklearn.metrics import normalized_mutual_info_score
+    x, truth = blobs(3000, 10, 32, noise=0.05, seed=4)
+    bank = make_bank(3000, 32, num_shards=3, num_clusters=10, seed=4, true_labels=truth)
+    bank.set_features(np.arange(3000), x)
+    result = bank.init_clusters(iters=20, init="kmeans++")
+    labels = bank.labels(np.arange(3000)).numpy()
+    assert normalized_mutual_info_score(truth, labels) >= 0.99
+    assert bank.stats()["nmi"] == pytest.approx(normalized_mutual_info_score(truth, labels), abs=1e-9)
+
+    reference = faiss.Kmeans(32, 10, niter=20, seed=4, max_points_per_centroid=10_000)
+    reference.train(x, init_centroids=result["initial_centroids"])
+
+    def inertia(centroids):
+        index = faiss.IndexFlatL2(32)
+        index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+        return float(index.search(x, 1)[0].sum())
+
+    ours, theirs = inertia(bank.centroids()), inertia(reference.centroids)
+    assert abs(ours - theirs) <= 0.01 * theirs
+    assert result["inertia"][-1] == pytest.approx(ours, rel=1e-4)
+
+
+def test_empty_clusters_are_split_from_large_ones(make_bank):
+    # 40 identical points and 2 distinct ones: a random seeding gives duplicate centroids, whose
+    # clusters come out empty and must be refilled.
+    x = np.zeros((42, 4), dtype=np.float32)
+    x[:, 0] = 1.0
+    x[40] = [0, 1, 0, 0]
+    x[41] = [0, 0, 1, 0]
+    bank = make_bank(42, 4, num_clusters=5, seed=0)
+    bank.set_features(np.arange(42), x)
+    result = bank.init_clusters(iters=5, init="random")
+    assert result["empty_splits"] > 0
+
+
+def test_one_shard_and_three_shards_agree_on_kmeans_updates_and_labels(make_bank):
+    x, _ = blobs(900, 5, 16, noise=0.4, seed=5)
+    banks = []
+    for shards in (1, 3):
+        bank = make_bank(900, 16, num_shards=shards, num_clusters=5, seed=5)
+        bank.set_features(np.arange(900), x)
+        bank.init_clusters(iters=8, init="kmeans++")
+        banks.append(bank)
+    everything = np.arange(900)
+    np.testing.assert_array_equal(banks[0].labels(everything).numpy(), banks[1].labels(everything).numpy())
+    np.testing.assert_allclose(banks[0].centroids(), banks[1].centroids(), atol=1e-6)
+    rng = np.random.default_rng(6)
+    for _ in range(5):
+        ids = rng.choice(900, size=100, replace=False)
+        feats = rng.normal(size=(100, 16))
+        for bank in banks:
+            bank.update(ids, feats)
+    np.testing.assert_array_equal(banks[0].labels(everything).numpy(), banks[1].labels(everything).numpy())
+    np.testing.assert_allclose(banks[0].get(everything).numpy(), banks[1].get(everything).numpy(), atol=1e-7)
+    np.testing.assert_allclose(banks[0].centroids(), banks[1].centroids(), atol=1e-6)
+
+
+# --- sampling semantics ---------------------------------------------------------------------------
+
+def geometry(bank, query, anchor_ids, members=None):
+    """For each anchor: ids of other-cluster rows sorted nearest first (optionally among `members`)."""
+    n = bank.num_samples
+    members = np.arange(n) if members is None else members
+    feats, labels = bank.get(members).numpy(), bank.labels(members).numpy()
+    anchor_labels = bank.labels(anchor_ids).numpy()
+    q = unit(query.numpy())
+    ranked = []
+    for i in range(len(anchor_ids)):
+        other = labels != anchor_labels[i]
+        order = np.argsort(-(feats[other] @ q[i]))
+        ranked.append(members[other][order])
+    return ranked
+
+
+def _shared_bank(shards):
+    banks = []
+
+    def make(*args, **kwargs):
+        banks.append(MemoryBank.create(*args, **kwargs))
+        return banks[-1]
+
+    return clustered_bank(make, shards=shards)[0], banks
+
+
+@pytest.fixture(scope="module")
+def one_shard_bank(ray_cluster):
+    """Read-only: the sampling tests only query it."""
+    bank, banks = _shared_bank(1)
+    yield bank
+    banks[0].shutdown()
+
+
+@pytest.fixture(scope="module")
+def three_shard_bank(ray_cluster):
+    bank, banks = _shared_bank(3)
+    yield bank
+    banks[0].shutdown()
+
+
+def anchors_and_queries(bank, count=8, seed=7):
+    ids = np.arange(count) * 37
+    query = bank.get(ids) + 0.05 * torch.from_numpy(np.random.default_rng(seed).normal(size=(count, 8))).float()
+    return ids, query
+
+
+def test_hard_negatives_are_exactly_the_k_nearest_of_other_clusters(one_shard_bank):
+    ids, query = anchors_and_queries(one_shard_bank)
+    _, negatives = one_shard_bank.sample_inter(query, ids, 5, "hard", seed=1)
+    for ranked, chosen in zip(geometry(one_shard_bank, query, ids), negatives):
+        assert set(chosen) == set(ranked[:5])
+
+
+@pytest.mark.parametrize("strategy", ["semi_hard", "semi_easy"])
+def test_semi_hard_from_nearest_and_semi_easy_from_farthest_ten_percent(one_shard_bank, strategy):
+    ids, query = anchors_and_queries(one_shard_bank)
+    _, negatives = one_shard_bank.sample_inter(query, ids, 12, strategy, pool_fraction=0.1, seed=2)
+    for ranked, chosen in zip(geometry(one_shard_bank, query, ids), negatives):
+        pool_size = math.ceil(0.1 * len(ranked))
+        pool = ranked[:pool_size] if strategy == "semi_hard" else ranked[::-1][:pool_size]
+        assert len(chosen) == 12 and len(set(chosen)) == 12  # drawn without replacement
+        assert set(chosen) <= set(pool)
+
+
+def test_semi_hard_pool_fraction_is_configurable(one_shard_bank):
+    ids, query = anchors_and_queries(one_shard_bank)
+    _, negatives = one_shard_bank.sample_inter(query, ids, 40, "semi_hard", pool_fraction=0.5, seed=3)
+    ranked = geometry(one_shard_bank, query, ids)
+    assert all(set(c) <= set(r[:math.ceil(0.5 * len(r))]) for r, c in zip(ranked, negatives))
+    assert any(not set(c) <= set(r[:math.ceil(0.1 * len(r))]) for r, c in zip(ranked, negatives))
+
+
+def test_random_negatives_are_uniform_over_other_clusters(one_shard_bank):
+    from scipy.stats import chisquare
+    anchor = np.array([5] * 400)  # 400 queries of one anchor, 50 draws each
+    query = one_shard_bank.get(anchor)
+    _, negatives = one_shard_bank.sample_inter(query, anchor, 50, "random", seed=4)
+    draws = np.concatenate(negatives)
+    others = geometry(one_shard_bank, query[:1], anchor[:1])[0]
+    assert set(draws) <= set(others)
+    counts = np.array([np.sum(draws == i) for i in others])
+    assert chisquare(counts).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("strategy", ["hard", "semi_hard", "random", "semi_easy"])
+def test_negatives_never_share_the_anchor_label_and_positives_do(three_shard_bank, strategy):
+    bank = three_shard_bank
+    ids, query = anchors_and_queries(bank, count=12)
+    positives, negatives = bank.sample_inter(query, ids, 30, strategy, seed=5)
+    anchor_labels = bank.labels(ids).numpy()
+    np.testing.assert_array_equal(bank.labels(positives).numpy(), anchor_labels)
+    assert not np.any(positives == ids)
+    for label, chosen in zip(anchor_labels, negatives):
+        assert len(chosen) == 30
+        assert not np.any(bank.labels(chosen).numpy() == label)
+
+
+def test_with_three_shards_semi_hard_negatives_come_from_each_shards_nearest_pool(three_shard_bank):
+    bank = three_shard_bank
+    ids, query = anchors_and_queries(bank)
+    _, negatives = bank.sample_inter(query, ids, 20, "semi_hard", seed=6)
+    for s in range(3):
+        ranked = geometry(bank, query, ids, members=np.arange(s, 600, 3))
+        for r, chosen in zip(ranked, negatives):
+            mine = chosen[chosen % 3 == s]
+            assert set(mine) <= set(r[:math.ceil(0.1 * len(r))])
+
+
+# --- exactness of what crosses the wire -----------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["semi_hard", "random"])
+def test_folded_negatives_give_the_exact_info_nce_value_and_gradient(three_shard_bank, strategy):
+    bank = three_shard_bank
+    ids = np.array([1, 50, 99, 301, 302, 555])
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(6, 8, generator=g, dtype=torch.float32, requires_grad=True)
+    pos, neg = bank.inter(q, ids, 25, strategy, temperature=0.2, seed=9)
+    folded = info_nce_from_logits(pos, neg, 0.2, margin=-0.5)
+    (grad_folded,) = torch.autograd.grad(folded, q)
+
+    positive_ids, negative_ids = bank.sample_inter(q.detach(), ids, 25, strategy, seed=9)
+    negatives = torch.stack([bank.get(n) for n in negative_ids])  # [B, K, D] explicit features
+    explicit = info_nce(q, bank.get(positive_ids), negatives, 0.2, margin=-0.5)
+    (grad_explicit,) = torch.autograd.grad(explicit, q)
+    assert folded.item() == pytest.approx(explicit.item(), rel=1e-5)
+    torch.testing.assert_close(grad_folded, grad_explicit, rtol=1e-4, atol=1e-6)
+
+
+def test_intra_positive_is_the_bank_feature_of_the_anchor(make_bank):
+    bank, _, _ = clustered_bank(make_bank, shards=2)
+    ids = np.array([4, 9, 10])
+    q = torch.randn(3, 8)
+    pos, neg = bank.intra(q, ids, 16, temperature=0.1, seed=1)
+    expected = (torch.nn.functional.normalize(q, dim=1) * bank.get(ids)).sum(1)
+    torch.testing.assert_close(pos, expected)
+    assert neg.shape == (3, 1) and torch.isfinite(neg).all()
+
+
+# --- failures, snapshots, bad input ---------------------------------------------------------------
+
+def kill_and_wait_for_restart(ray, shard):
+    """ray.kill is asynchronous: wait until the actor is really a new incarnation."""
+    import time
+    ray.kill(shard, no_restart=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(shard.ping.remote(), timeout=10)["generation"] == 1:
+                return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the killed shard did not restart")
+
+
+def test_killed_shard_restores_from_the_last_snapshot(make_bank, tmp_path, ray_cluster):
+    bank, _, _ = clustered_bank(make_bank, shards=2, snapshot_root=str(tmp_path))
+    rng = np.random.default_rng(9)
+    bank.update(np.arange(50), rng.normal(size=(50, 8)))
+    bank.save()
+    saved_feats, saved_labels = bank.get(np.arange(600)).numpy(), bank.labels(np.arange(600)).numpy()
+    bank.update(np.arange(50, 100), rng.normal(size=(50, 8)))  # work after the snapshot is lost
+    kill_and_wait_for_restart(ray_cluster, bank.shards[1])
+    feats = bank.get(np.arange(600)).numpy()
+    np.testing.assert_allclose(feats, saved_feats, atol=1e-7)
+    assert np.abs(feats).sum(1).min() > 0, "no row came back as zeros"
+    np.testing.assert_array_equal(bank.labels(np.arange(600)).numpy(), saved_labels)
+    assert bank.stats()["step"] == 1
+    pos, neg = bank.inter(torch.randn(4, 8), np.arange(4), 10, "semi_hard", 0.1)
+    assert torch.isfinite(pos).all() and torch.isfinite(neg).all()
+
+
+def test_killed_shard_without_snapshot_is_an_error_not_zeros(make_bank, ray_cluster):
+    bank, _, _ = clustered_bank(make_bank, shards=2)
+    kill_and_wait_for_restart(ray_cluster, bank.shards[0])
+    with pytest.raises(BankStateError, match="no snapshot"):
+        bank.get(np.arange(600))
+
+
+def test_save_and_load_round_trip(make_bank, tmp_path, ray_cluster):
+    bank, _, _ = clustered_bank(make_bank, shards=2)
+    bank.update(np.arange(30), np.random.default_rng(10).normal(size=(30, 8)))
+    bank.save(str(tmp_path / "snap"))
+    loaded = MemoryBank.load(str(tmp_path / "snap"))
+    try:
+        everything = np.arange(600)
+        np.testing.assert_array_equal(loaded.get(everything).numpy(), bank.get(everything).numpy())
+        np.testing.assert_array_equal(loaded.labels(everything).numpy(), bank.labels(everything).numpy())
+        np.testing.assert_allclose(loaded.centroids(), bank.centroids(), atol=1e-6)
+        assert loaded.stats()["step"] == 1
+    finally:
+        loaded.shutdown()
+
+
+@pytest.mark.parametrize("ids, feats, message", [
+    (np.array([0, 600]), np.zeros((2, 8)), "out of range"),
+    (np.array([-1, 2]), np.zeros((2, 8)), "out of range"),
+    (np.array([0, 1]), np.zeros((2, 7)), r"must be \[2, 8\]"),
+    (np.array([0, 1]), np.array([[np.nan] * 8, [0.0] * 8]), "NaN"),
+    (np.array([3, 3]), np.zeros((2, 8)), "duplicate"),
+])
+def test_bad_update_is_a_clear_error_and_leaves_the_bank_unchanged(make_bank, ids, feats, message):
+    bank, _, _ = clustered_bank(make_bank, shards=2)
+    before = bank.get(np.arange(600)).numpy()
+    with pytest.raises(ValueError, match=message):
+        bank.update(ids, feats)
+    np.testing.assert_array_equal(bank.get(np.arange(600)).numpy(), before)
+    assert bank.stats()["step"] == 0
+
+
+def test_inter_query_before_clustering_is_a_clear_error(make_bank):
+    bank = make_bank(100, 4, num_clusters=3)
+    with pytest.raises(BankStateError, match="init_clusters"):
+        bank.inter(torch.randn(2, 4), np.array([0, 1]), 5)
+
+
+def test_nmi_matches_sklearn():
+    from sklearn.metrics import normalized_mutual_info_score
+    rng = np.random.default_rng(11)
+    a, b = rng.integers(0, 7, 500), rng.integers(0, 4, 500)
+    b[:250] = a[:250] % 4  # partly dependent
+    pairs, counts = np.unique(np.stack([a, b], 1), axis=0, return_counts=True)
+    assert normalized_mutual_info(pairs, counts) == pytest.approx(normalized_mutual_info_score(a, b), abs=1e-12)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,19 @@ from bank.shard import STRATEGIES, BankShard, BankStateError
 log = logging.getLogger("viewbank.bank")
 
 
+@dataclass
+class BankAnswer:
+    """What `MemoryBank.query` returns; a branch not asked for stays None."""
+    intra_pos: torch.Tensor | None = None
+    intra_neg: torch.Tensor | None = None
+    inter_pos: torch.Tensor | None = None
+    inter_neg: torch.Tensor | None = None
+    intra_positive_ids: np.ndarray | None = None
+    inter_positive_ids: np.ndarray | None = None
+    intra_negative_ids: list | None = None
+    inter_negative_ids: list | None = None
+
+
 class MemoryBank:
     def __init__(self, shards: list, config: dict):
         self.shards = shards
@@ -43,6 +57,7 @@ class MemoryBank:
         self.momentum = config["momentum"]
         self.rows = np.array([len(range(s, self.num_samples, self.num_shards)) for s in range(self.num_shards)])
         self._rng = np.random.default_rng(config["seed"])
+        self.traffic_bytes = 0  # numpy payload sent to and received from the shards
 
     # --- construction ----------------------------------------------------------------------------
 
@@ -50,9 +65,10 @@ class MemoryBank:
     def create(cls, num_samples: int, dim: int, num_shards: int = 1, num_clusters: int = 10_000,
                momentum: float = 0.5, seed: int = 0, dtype: str = "float32", snapshot_root: str | None = None,
                true_labels: np.ndarray | None = None, actor_options: dict | list[dict] | None = None,
-               max_restarts: int = -1) -> "MemoryBank":
+               max_restarts: int = -1, threads_per_shard: int | None = None) -> "MemoryBank":
         """Start `num_shards` bank actors (num_cpus=0 by default; `actor_options` per shard or for
-        all, e.g. {"num_gpus": 1} or a placement-group scheduling strategy). `snapshot_root` is where
+        all, e.g. {"num_gpus": 1} or a placement-group scheduling strategy); `threads_per_shard` sets
+        each shard's torch threads (Ray gives num_cpus=0 actors one). `snapshot_root` is where
         `save()` writes by default and where a restarted shard restores from. `true_labels` [N]
         (e.g. `Manifest.labels()`) enables NMI in `stats()`."""
         if num_samples <= 0 or dim <= 0 or num_shards <= 0 or num_clusters <= 0:
@@ -67,7 +83,7 @@ class MemoryBank:
             raise ValueError(f"true_labels has {len(true_labels)} entries for {num_samples} samples")
         config = {"num_samples": num_samples, "dim": dim, "num_shards": num_shards, "num_clusters": num_clusters,
                   "momentum": momentum, "seed": seed, "dtype": dtype, "snapshot_root": snapshot_root,
-                  "max_restarts": max_restarts}
+                  "max_restarts": max_restarts, "threads_per_shard": threads_per_shard}
         options = actor_options if isinstance(actor_options, list) else [actor_options or {}] * num_shards
         remote = ray.remote(BankShard)
         shards = []
@@ -75,7 +91,7 @@ class MemoryBank:
             opts = {"num_cpus": 0, "max_restarts": max_restarts, "max_task_retries": 0, **options[s]}
             labels = None if true_labels is None else np.asarray(true_labels)[s::num_shards]
             shards.append(remote.options(**opts).remote(s, num_shards, num_samples, dim, num_clusters, dtype,
-                                                        "auto", snapshot_root, labels))
+                                                        "auto", snapshot_root, labels, threads_per_shard))
         bank = cls(shards, config)
         ray.get([shard.ping.remote() for shard in shards])
         return bank
@@ -91,7 +107,7 @@ class MemoryBank:
         bank = cls.create(meta["num_samples"], meta["dim"], meta["num_shards"], meta["num_clusters"],
                           meta["momentum"], meta["seed"], meta["dtype"],
                           snapshot_root or meta.get("snapshot_root"), true_labels, actor_options,
-                          meta.get("max_restarts", -1))
+                          meta.get("max_restarts", -1), meta.get("threads_per_shard"))
         bank._restore_all(str(directory))
         return bank
 
@@ -131,7 +147,9 @@ class MemoryBank:
         for attempt in (0, 1):
             refs = [getattr(self.shards[s], m).remote(*a, **k) for s, m, a, k in calls]
             try:
-                return ray.get(refs)
+                results = ray.get(refs)
+                self.traffic_bytes += _nbytes([a for _, _, a, _ in calls]) + _nbytes(results)
+                return results
             except (ray.exceptions.RayActorError, BankStateError) as exc:
                 if attempt == 1:
                     raise
@@ -246,8 +264,20 @@ class MemoryBank:
             shares = rng.multinomial(k, p)
         return shares.T
 
-    def _score(self, query: torch.Tensor, ids: np.ndarray, k: int, strategy: str, temperature: float,
-               pool_fraction: float, seed: int | None, inter: bool, return_ids: bool = False):
+    def query(self, query: torch.Tensor, ids, intra_negatives: int = 0, inter_negatives: int | None = None,
+              strategy: str = "semi_hard", temperature: float = 0.1, pool_fraction: float = 0.1,
+              seed: int | None = None, return_ids: bool = False) -> "BankAnswer":
+        """Both InterCLR branches in one round trip per shard (they share one similarity pass).
+
+        intra (NPID, Eq. 1): positive = the bank feature of each anchor, `intra_negatives` rows
+        drawn uniformly from the rest of the bank. inter (Sect. 4.2; skipped when
+        `inter_negatives` is None): positive = a random other member of the anchor's cluster (its
+        own bank feature when it is alone), `inter_negatives` from other clusters by `strategy`;
+        0 gives only the positive (BYOL-InterCLR). Positives are cosines [B] with the normalised
+        query; negatives come folded into [B, 1] with exact gradients (bank.autograd), ready for
+        `losses.info_nce_from_logits`.
+        """
+        ids = self._ids(ids)
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
         if not 0.0 < pool_fraction <= 1.0:
@@ -259,44 +289,64 @@ class MemoryBank:
         seed = int(self._rng.integers(2**31)) if seed is None else seed
         rng = np.random.default_rng(seed)
         anchors = self._anchors(ids)
+        inter = inter_negatives is not None
         if inter and (anchors["labels"] < 0).any():
             raise BankStateError("inter queries need pseudo-labels: call init_clusters() first")
-        labels = anchors["labels"] if inter else None
-        shares = self._shares(ids, labels, anchors["cluster_counts"], k, strategy, pool_fraction, rng)
+        requests = []
+        if intra_negatives:
+            shares = self._shares(ids, None, anchors["cluster_counts"], intra_negatives, "random", pool_fraction, rng)
+            requests.append(("intra", shares, np.full(len(ids), -1), "random", False))
+        if inter:
+            shares = self._shares(ids, anchors["labels"], anchors["cluster_counts"], inter_negatives, strategy,
+                                  pool_fraction, rng)
+            requests.append(("inter", shares, anchors["labels"], strategy, True))
         q = torch.nn.functional.normalize(query, dim=1)
         q_np = q.detach().float().cpu().numpy()
-        anchor_labels = anchors["labels"] if inter else np.full(len(ids), -1)
-        calls = [(s, "score", (q_np, ids, anchor_labels, shares[s], strategy, temperature, pool_fraction,
-                               seed), {"want_positive": inter, "return_ids": return_ids})
-                 for s in range(self.num_shards)]
-        return q, anchors, rng, self._call(calls)
+        calls = [(s, "score", (q_np, ids, [
+            {"anchor_labels": labels, "shares": shares[s], "strategy": strat, "pool_fraction": pool_fraction,
+             "want_positive": positive} for _, shares, labels, strat, positive in requests], temperature, seed),
+            {"return_ids": return_ids}) for s in range(self.num_shards)]
+        answers = self._call(calls) if requests else []
+        answer = BankAnswer()
+        for index, (name, shares, _, _, _) in enumerate(requests):
+            parts = [shard_answer[index] for shard_answer in answers]
+            if name == "intra":
+                positive, answer.intra_positive_ids = anchors["feats"], ids
+            else:
+                positive, answer.inter_positive_ids = self._pick_positive(ids, anchors, parts, rng)
+            pos = (q * torch.as_tensor(positive, dtype=q.dtype, device=q.device)).sum(dim=1)
+            neg = None
+            if int(shares.sum()) > 0:
+                lse, mean = combine_shards([p["lse"] for p in parts], [p["mean"] for p in parts])
+                neg = folded_negative_similarity(q, lse, mean, temperature)
+            setattr(answer, f"{name}_pos", pos)
+            setattr(answer, f"{name}_neg", neg)
+            if return_ids:
+                setattr(answer, f"{name}_negative_ids",
+                        [np.concatenate([p["ids"][i] for p in parts]) for i in range(len(ids))])
+        return answer
 
     def intra(self, query: torch.Tensor, ids, num_negatives: int, temperature: float,
               seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """NPID branch (InterCLR Eq. 1): positive = the bank feature of each anchor; negatives =
-        `num_negatives` rows drawn uniformly from the rest of the bank. Returns (pos [B] cosine,
-        neg [B, 1] folded negatives) for `losses.info_nce_from_logits`."""
-        ids = self._ids(ids)
-        q, anchors, _, answers = self._score(query, ids, num_negatives, "random", temperature, 0.1, seed, False)
-        positive = torch.as_tensor(anchors["feats"], dtype=q.dtype, device=q.device)
-        lse, mean = combine_shards([a["lse"] for a in answers], [a["mean"] for a in answers])
-        return (q * positive).sum(dim=1), folded_negative_similarity(q, lse, mean, temperature)
+        """NPID branch alone: (pos [B], neg [B, 1]); see `query`."""
+        answer = self.query(query, ids, intra_negatives=num_negatives, temperature=temperature, seed=seed)
+        return answer.intra_pos, answer.intra_neg
 
     def inter(self, query: torch.Tensor, ids, num_negatives: int, strategy: str = "semi_hard",
               temperature: float = 0.1, pool_fraction: float = 0.1,
               seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """InterCLR branch (Sect. 4.2): positive = a random other member of the anchor's cluster
-        (the anchor's own bank feature when it is alone); `num_negatives` from other clusters by
-        `strategy`. `num_negatives=0` returns only the positive (BYOL-InterCLR)."""
-        ids = self._ids(ids)
-        q, anchors, rng, answers = self._score(query, ids, num_negatives, strategy, temperature,
-                                               pool_fraction, seed, True)
-        positive, _ = self._pick_positive(ids, anchors, answers, rng)
-        pos = (q * torch.as_tensor(positive, dtype=q.dtype, device=q.device)).sum(dim=1)
-        if num_negatives == 0:
-            return pos, None
-        lse, mean = combine_shards([a["lse"] for a in answers], [a["mean"] for a in answers])
-        return pos, folded_negative_similarity(q, lse, mean, temperature)
+        """InterCLR branch alone: (pos [B], neg [B, 1] or None when num_negatives = 0); see `query`."""
+        answer = self.query(query, ids, inter_negatives=num_negatives, strategy=strategy, temperature=temperature,
+                            pool_fraction=pool_fraction, seed=seed)
+        return answer.inter_pos, answer.inter_neg
+
+    def sample_inter(self, query: torch.Tensor, ids, num_negatives: int, strategy: str,
+                     pool_fraction: float = 0.1, seed: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The global ids an `inter` query with the same seed draws: positive ids [B] and the
+        negative ids of each query (for tests and the negatives figure, InterCLR Fig. 11)."""
+        answer = self.query(query.detach(), ids, inter_negatives=num_negatives, strategy=strategy,
+                            pool_fraction=pool_fraction, seed=seed, return_ids=True)
+        return answer.inter_positive_ids, answer.inter_negative_ids
 
     def _pick_positive(self, ids: np.ndarray, anchors: dict, answers: list[dict],
                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -310,16 +360,6 @@ class MemoryBank:
             shard = rng.choice(self.num_shards, p=counts[i] / counts[i].sum())
             positive[i], positive_ids[i] = candidates[i, shard], candidate_ids[i, shard]
         return positive, positive_ids
-
-    def sample_inter(self, query: torch.Tensor, ids, num_negatives: int, strategy: str,
-                     pool_fraction: float = 0.1, seed: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The global ids an `inter` query with the same seed draws: positive ids [B] and the
-        negative ids of each query (for tests and the negatives figure, InterCLR Fig. 11)."""
-        ids = self._ids(ids)
-        _, anchors, rng, answers = self._score(query, ids, num_negatives, strategy, 1.0, pool_fraction, seed,
-                                               True, return_ids=True)
-        _, positive_ids = self._pick_positive(ids, anchors, answers, rng)
-        return positive_ids, [np.concatenate([a["ids"][i] for a in answers]) for i in range(len(ids))]
 
     # --- clustering ------------------------------------------------------------------------------
 
@@ -405,3 +445,13 @@ class MemoryBank:
             tmp.write_text(Path(directory).name)
             tmp.replace(Path(root) / "LATEST")
         return directory
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 8 if isinstance(obj, (int, float)) else 0

@@ -37,7 +37,9 @@ class BankStateError(RuntimeError):
 class BankShard:
     def __init__(self, shard_index: int, num_shards: int, num_samples: int, dim: int, num_clusters: int,
                  dtype: str = "float32", device: str = "auto", snapshot_root: str | None = None,
-                 true_labels: np.ndarray | None = None):
+                 true_labels: np.ndarray | None = None, num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
         self.shard_index, self.num_shards = shard_index, num_shards
         self.num_samples, self.dim, self.num_clusters = num_samples, dim, num_clusters
         if device == "auto":
@@ -233,62 +235,81 @@ class BankShard:
         return {"feats": self.feats[rows].float().cpu().numpy(), "labels": labels.cpu().numpy(),
                 "cluster_counts": counts.cpu().numpy()}
 
-    def score(self, query: np.ndarray, anchor_ids: np.ndarray, anchor_labels: np.ndarray, shares: np.ndarray,
-              strategy: str, temperature: float, pool_fraction: float, seed: int,
-              want_positive: bool = False, return_ids: bool = False) -> dict:
-        """Draw `shares[i]` negatives for query i from this shard and reduce them for InfoNCE.
+    def score(self, query: np.ndarray, anchor_ids: np.ndarray, requests: list[dict], temperature: float,
+              seed: int, return_ids: bool = False) -> list[dict]:
+        """Draw negatives for each query from this shard and reduce them for InfoNCE.
 
-        anchor_labels[i] = -1 means intra (NPID): any row but the anchor itself is a negative.
-        Otherwise negatives are rows of other clusters, chosen by `strategy` among this shard's
-        candidates: hard = the k nearest; semi_hard = k drawn without replacement from the
-        `pool_fraction` nearest; semi_easy = likewise from the farthest; random = iid uniform.
-        Returns per query: lse = log Σ_k exp(q·v_k/τ) (-inf when k = 0) and mean = Σ_k softmax_k·v_k;
-        with want_positive a random member of the anchor's cluster (not the anchor) and the number
-        of such members here.
+        Each request is {"anchor_labels": [B], "shares": [B], "strategy", "pool_fraction",
+        "want_positive"}: query i draws shares[i] negatives. anchor_labels[i] = -1 means intra
+        (NPID): any row but the anchor itself is a negative. Otherwise negatives are rows of other
+        clusters, chosen among this shard's candidates: hard = the k nearest; semi_hard = k drawn
+        without replacement from the `pool_fraction` nearest; semi_easy = likewise from the
+        farthest; random = iid uniform. Requests share one similarity matrix per query chunk.
+
+        Returns per request and query: lse = log Σ_k exp(q·v_k/τ) (-inf when k = 0) and
+        mean = Σ_k softmax_k·v_k — gathered from the similarity matrix and reduced with
+        embedding_bag, so no [B, K, D] tensor is built when similarities exist; with
+        want_positive, a random member of the anchor's cluster (not the anchor) and the number of
+        such members here.
         """
         self._check()
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+        for request in requests:
+            if request["strategy"] not in STRATEGIES:
+                raise ValueError(f"unknown strategy {request['strategy']!r} (choose from {', '.join(STRATEGIES)})")
         g = torch.Generator(device=self.device).manual_seed(int(seed) * 1_000_003 + self.shard_index)
         q = self._tensor(query).float()
-        labels = self._tensor(anchor_labels, torch.int64)
-        shares_t = self._tensor(shares, torch.int64)
-        owner = torch.as_tensor(np.asarray(anchor_ids) % self.num_shards == self.shard_index, device=self.device)
-        anchor_rows = torch.where(owner, self._local(anchor_ids), torch.full_like(labels, -1))
         batch = q.shape[0]
-        lse = torch.full((batch,), -math.inf, dtype=torch.float32, device=self.device)
-        mean = torch.zeros(batch, self.dim, dtype=torch.float32, device=self.device)
-        chosen_ids = [np.empty(0, dtype=np.int64)] * batch
-        k_max = int(shares_t.max()) if batch else 0
-        if k_max > 0:
-            if strategy == "random" or bool((labels < 0).all()):
-                select = self._sample_random
-            else:
-                select = self._sample_by_similarity
-            step = max(1, min(batch, GATHER_BYTES // max(1, k_max * self.dim * 4),
-                              SCORE_BYTES // max(1, self.rows * 4)))
-            for start in range(0, batch, step):
-                sl = slice(start, start + step)
-                rows, valid = select(q[sl], labels[sl], anchor_rows[sl], shares_t[sl], strategy,
-                                     pool_fraction, g)
-                feats = self.feats[rows].float()  # [b, k, D]
-                logits = torch.einsum("bd,bkd->bk", q[sl], feats) / temperature
-                logits = logits.masked_fill(~valid, -math.inf)
-                chunk_lse = torch.logsumexp(logits, dim=1)
+        owner = torch.as_tensor(np.asarray(anchor_ids) % self.num_shards == self.shard_index, device=self.device)
+        anchor_rows = torch.where(owner, self._local(anchor_ids), torch.full((batch,), -1, device=self.device))
+        prepared = []
+        for request in requests:
+            labels = self._tensor(request["anchor_labels"], torch.int64)
+            shares = self._tensor(request["shares"], torch.int64)
+            by_similarity = request["strategy"] != "random" and bool((labels >= 0).any())
+            prepared.append((request, labels, shares, by_similarity, {
+                "lse": torch.full((batch,), -math.inf, dtype=torch.float32, device=self.device),
+                "mean": torch.zeros(batch, self.dim, dtype=torch.float32, device=self.device),
+                "ids": [np.empty(0, dtype=np.int64)] * batch}))
+        k_max = max([int(p[2].max()) for p in prepared if batch] or [0])
+        need_similarity = any(p[3] for p in prepared)
+        if need_similarity:
+            step = max(1, SCORE_BYTES // max(1, self.rows * 4))
+        else:
+            step = max(1, GATHER_BYTES // max(1, k_max * self.dim * 4))
+        for start in range(0, batch if k_max else 0, step):
+            sl = slice(start, start + step)
+            sims = q[sl] @ self.feats.float().T if need_similarity else None  # [b, n], shared by requests
+            for request, labels, shares, by_similarity, out in prepared:
+                if int(shares[sl].max()) == 0:
+                    continue
+                if by_similarity:
+                    rows, valid = self._sample_by_similarity(sims, labels[sl], anchor_rows[sl], shares[sl],
+                                                             request["strategy"], request["pool_fraction"], g)
+                else:
+                    rows, valid = self._sample_random(labels[sl], anchor_rows[sl], shares[sl], g)
+                if sims is not None:
+                    cosines = torch.gather(sims, 1, rows)  # [b, k]
+                else:
+                    cosines = torch.einsum("bd,bkd->bk", q[sl], self.feats[rows].float())
+                logits = (cosines / temperature).masked_fill(~valid, -math.inf)
+                out["lse"][sl] = torch.logsumexp(logits, dim=1)
                 weights = torch.softmax(logits, dim=1).nan_to_num(0.0)  # rows with k = 0 give zeros
-                lse[sl] = chunk_lse
-                mean[sl] = torch.einsum("bk,bkd->bd", weights, feats)
+                out["mean"][sl] = torch.nn.functional.embedding_bag(
+                    rows, self.feats, per_sample_weights=weights.to(self.feats.dtype), mode="sum").float()
                 if return_ids:
                     global_ids = (rows * self.num_shards + self.shard_index).cpu().numpy()
                     valid_np = valid.cpu().numpy()
                     for i in range(rows.shape[0]):
-                        chosen_ids[start + i] = global_ids[i][valid_np[i]]
-        result = {"lse": lse.cpu().numpy(), "mean": mean.cpu().numpy()}
-        if want_positive:
-            result.update(self._positives(labels, anchor_rows, g))
-        if return_ids:
-            result["ids"] = chosen_ids
-        return result
+                        out["ids"][start + i] = global_ids[i][valid_np[i]]
+        results = []
+        for request, labels, _, _, out in prepared:
+            result = {"lse": out["lse"].cpu().numpy(), "mean": out["mean"].cpu().numpy()}
+            if request.get("want_positive"):
+                result.update(self._positives(labels, anchor_rows, g))
+            if return_ids:
+                result["ids"] = out["ids"]
+            results.append(result)
+        return results
 
     def _excluded(self, labels: torch.Tensor, anchor_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """True where rows[i, j] may not be a negative of query i."""
@@ -296,9 +317,9 @@ class BankShard:
         clustered = labels >= 0
         return same | (clustered[:, None] & (self.labels[rows] == labels[:, None]))
 
-    def _sample_random(self, q, labels, anchor_rows, shares, strategy, pool_fraction, g):
+    def _sample_random(self, labels, anchor_rows, shares, g):
         """iid uniform draws among allowed rows, by rejection (rejects ≈ |cluster|/n of draws)."""
-        b, k_max = q.shape[0], int(shares.max())
+        b, k_max = labels.shape[0], int(shares.max())
         rows = torch.zeros(b, k_max, dtype=torch.int64, device=self.device)
         filled = torch.zeros(b, dtype=torch.int64, device=self.device)
         for _ in range(64):
@@ -318,35 +339,45 @@ class BankShard:
         valid = torch.arange(k_max, device=self.device)[None, :] < shares[:, None]
         return rows, valid
 
-    def _sample_by_similarity(self, q, labels, anchor_rows, shares, strategy, pool_fraction, g):
-        """hard / semi_hard / semi_easy: rank this shard's allowed rows by cosine to the query."""
-        b, k_max = q.shape[0], int(shares.max())
-        sims = q @ self.feats.float().T  # [b, n]
+    def _sample_by_similarity(self, sims, labels, anchor_rows, shares, strategy, pool_fraction, g):
+        """hard / semi_hard / semi_easy: rank this shard's allowed rows by cosine to the query.
+
+        The pool of row i is its pool[i] best allowed rows (hard: pool = its share). One unsorted
+        top-k of the largest pool finds every row's candidates; a small top-k over their values
+        trims each row to its own pool; random keys draw the share without replacement."""
+        b, k_max = sims.shape[0], int(shares.max())
         excluded = (labels[:, None] >= 0) & (self.labels[None, :] == labels[:, None])
         own = (anchor_rows >= 0).nonzero(as_tuple=True)[0]
         excluded[own, anchor_rows[own]] = True
-        key = -sims if strategy == "semi_easy" else sims
-        key = key.masked_fill(excluded, -math.inf)
+        key = (-sims if strategy == "semi_easy" else sims).masked_fill(excluded, -math.inf)
         allowed = (~excluded).sum(dim=1)
         if strategy == "hard":
             pool = torch.minimum(shares, allowed)
         else:
             pool = torch.ceil(pool_fraction * allowed.double()).long().clamp(max=allowed)
         pool_max = max(1, int(pool.max()))
-        ranked = torch.topk(key, pool_max, dim=1).indices  # [b, pool_max], nearest (or farthest) first
+        values, candidates = torch.topk(key, pool_max, dim=1, sorted=False)  # [b, pool_max]
+        surplus = pool_max - pool  # candidates of row i beyond its own pool: its smallest values
+        in_pool = values > -math.inf
+        if int(surplus.max()) > 0:
+            smallest = torch.topk(values, int(surplus.max()), dim=1, largest=False).values  # ascending
+            cutoff = torch.gather(smallest, 1, (surplus - 1).clamp_min(0)[:, None])[:, 0]
+            in_pool &= (values > cutoff[:, None]) | (surplus == 0)[:, None]
         if strategy == "hard":
-            picks = torch.arange(k_max, device=self.device).expand(b, -1).clamp(max=pool_max - 1)
-        else:
-            # k positions without replacement among the first pool[i] (random keys, smallest k)
-            noise = torch.rand(b, pool_max, generator=g, device=self.device)
-            noise = noise.masked_fill(torch.arange(pool_max, device=self.device)[None, :] >= pool[:, None], 2.0)
-            picks = torch.topk(noise, min(k_max, pool_max), dim=1, largest=False).indices
-            if k_max > pool_max:  # pool smaller than k (tiny banks): repeat picks
-                picks = picks.repeat(1, math.ceil(k_max / pool_max))[:, :k_max]
-        rows = torch.gather(ranked, 1, picks)
-        limit = torch.minimum(shares, pool) if strategy == "hard" else shares
-        valid = (torch.arange(k_max, device=self.device)[None, :] < limit[:, None]) & (pool[:, None] > 0)
-        return rows, valid
+            return candidates, in_pool
+        noise = torch.rand(b, pool_max, generator=g, device=self.device).masked_fill(~in_pool, 2.0)
+        # ascending random keys: row i's first pool[i] picks are its pool in random order
+        picks = torch.topk(noise, min(k_max, pool_max), dim=1, largest=False).indices
+        if picks.shape[1] < k_max:
+            picks = torch.cat([picks, picks[:, :1].expand(b, k_max - picks.shape[1])], dim=1)
+        positions = torch.arange(k_max, device=self.device)[None, :]
+        short = shares > pool  # a share larger than the pool: the rest is drawn again, with replacement
+        if bool(short.any()):
+            again = (torch.rand(b, k_max, generator=g, device=self.device) * pool.clamp_min(1)[:, None]).long()
+            beyond = (positions >= pool[:, None]) & short[:, None]
+            picks = torch.where(beyond, torch.gather(picks, 1, again), picks)
+        valid = (positions < shares[:, None]) & (pool[:, None] > 0) & torch.gather(in_pool, 1, picks)
+        return torch.gather(candidates, 1, picks), valid
 
     def _positives(self, labels: torch.Tensor, anchor_rows: torch.Tensor, g: torch.Generator) -> dict:
         batch = labels.shape[0]

@@ -249,7 +249,9 @@ def test_negatives_never_share_the_anchor_label_and_positives_do(three_shard_ban
 def test_with_three_shards_semi_hard_negatives_come_from_each_shards_nearest_pool(three_shard_bank):
     bank = three_shard_bank
     ids, query = anchors_and_queries(bank)
-    _, negatives = bank.sample_inter(query, ids, 20, "semi_hard", seed=6)
+    # 60 draws from per-shard pools of ~17 rows: shares beyond a pool are drawn again from it
+    _, negatives = bank.sample_inter(query, ids, 60, "semi_hard", seed=6)
+    assert all(len(chosen) == 60 for chosen in negatives)
     for s in range(3):
         ranked = geometry(bank, query, ids, members=np.arange(s, 600, 3))
         for r, chosen in zip(ranked, negatives):
@@ -275,6 +277,24 @@ def test_folded_negatives_give_the_exact_info_nce_value_and_gradient(three_shard
     (grad_explicit,) = torch.autograd.grad(explicit, q)
     assert folded.item() == pytest.approx(explicit.item(), rel=1e-5)
     torch.testing.assert_close(grad_folded, grad_explicit, rtol=1e-4, atol=1e-6)
+
+
+def test_one_query_for_both_branches_is_exact_for_each(three_shard_bank):
+    bank = three_shard_bank
+    ids = np.array([2, 3, 77, 400])
+    q = torch.randn(4, 8, generator=torch.Generator().manual_seed(12), requires_grad=True)
+    answer = bank.query(q, ids, intra_negatives=30, inter_negatives=20, strategy="semi_hard",
+                        temperature=0.1, seed=13, return_ids=True)
+    for name, margin in (("intra", 0.0), ("inter", -0.5)):
+        folded = info_nce_from_logits(getattr(answer, f"{name}_pos"), getattr(answer, f"{name}_neg"), 0.1, margin)
+        negatives = torch.stack([bank.get(n) for n in getattr(answer, f"{name}_negative_ids")])
+        positives = bank.get(getattr(answer, f"{name}_positive_ids"))
+        explicit = info_nce(q, positives, negatives, 0.1, margin=margin)
+        grads = [torch.autograd.grad(loss, q, retain_graph=True)[0] for loss in (folded, explicit)]
+        assert folded.item() == pytest.approx(explicit.item(), rel=1e-5)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert all(len(n) == 30 for n in answer.intra_negative_ids)
+    assert not any(i in n for i, n in zip(ids, answer.intra_negative_ids))
 
 
 def test_intra_positive_is_the_bank_feature_of_the_anchor(make_bank):

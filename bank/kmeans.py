@@ -7,18 +7,21 @@ import torch
 ASSIGN_CHUNK = 4096
 
 
-def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor,
-                     half_sq_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """InterCLR Eq. 3: argmin_c ‖v - c‖² for each row, computed as argmax_c (v·c - ‖c‖²/2) in
-    chunks (never an N×C matrix). Returns (labels int64 [N], squared distances float64 [N])."""
-    centroids = centroids.to(torch.float32)
-    if half_sq_norms is None:
-        half_sq_norms = 0.5 * centroids.pow(2).sum(dim=1)
+    chunks into one reused buffer (never an N×C matrix; fresh per-chunk allocations cost as much
+    as the product itself). Returns (labels int64 [N], squared distances float64 [N])."""
+    centroids = centroids.to(device=feats.device, dtype=torch.float32)
+    half_sq_norms = 0.5 * centroids.pow(2).sum(dim=1)
+    centroids_t = centroids.T.contiguous()
     labels = torch.empty(feats.shape[0], dtype=torch.int64, device=feats.device)
     distances = torch.empty(feats.shape[0], dtype=torch.float64, device=feats.device)
+    buffer = torch.empty(min(ASSIGN_CHUNK, feats.shape[0]), centroids.shape[0], device=feats.device)
     for start in range(0, feats.shape[0], ASSIGN_CHUNK):
         chunk = feats[start:start + ASSIGN_CHUNK].to(torch.float32)
-        score = chunk @ centroids.T - half_sq_norms  # [n, C]
+        score = buffer[:len(chunk)]
+        torch.mm(chunk, centroids_t, out=score)  # [n, C]
+        score.sub_(half_sq_norms)
         best, label = score.max(dim=1)
         labels[start:start + len(chunk)] = label
         sq = chunk.pow(2).sum(dim=1) - 2 * best  # ‖v‖² - 2(v·c - ‖c‖²/2) = ‖v - c‖²

@@ -187,24 +187,23 @@ class BankShard:
     def features_at(self, ids: np.ndarray) -> np.ndarray:
         return self.get(ids)
 
-    def assign_partial(self, centroids: np.ndarray) -> dict:
-        """One Lloyd step near the data: assign rows, return per-cluster sums, counts, inertia."""
+    def assign_partial(self, centroids: np.ndarray, keep: bool = False) -> dict:
+        """One Lloyd step near the data: assign rows, return per-cluster sums, counts, inertia.
+        keep=True also makes the assignment this shard's pseudo-labels (the final k-means pass)."""
         self._check()
-        c = self._tensor(centroids)
-        labels, distances = nearest_centroid(self.feats, c)
+        labels, distances = nearest_centroid(self.feats, self._tensor(centroids))
         sums = torch.zeros(self.num_clusters, self.dim, dtype=torch.float64, device=self.device)
         sums.index_add_(0, labels, self.feats.double())
         counts = torch.bincount(labels, minlength=self.num_clusters)
+        if keep:
+            self.labels = labels
+            self._rebuild_members()
+            self.updated_rows = self.changed_rows = 0
         return {"sums": sums.cpu().numpy(), "counts": counts.cpu().numpy(), "inertia": float(distances.sum())}
 
     def set_clusters(self, centroids: np.ndarray) -> dict:
         """Final k-means assignment: set labels and membership; return local sums and counts."""
-        self._check()
-        partial = self.assign_partial(centroids)
-        self.labels = nearest_centroid(self.feats, self._tensor(centroids))[0]
-        self._rebuild_members()
-        self.updated_rows = self.changed_rows = 0
-        return partial
+        return self.assign_partial(centroids, keep=True)
 
     def local_cluster_sums(self) -> dict:
         clustered = self.labels >= 0
@@ -380,25 +379,31 @@ class BankShard:
         return torch.gather(candidates, 1, picks), valid
 
     def _positives(self, labels: torch.Tensor, anchor_rows: torch.Tensor, g: torch.Generator) -> dict:
+        """Per query, a uniform member of the anchor's cluster on this shard other than the anchor,
+        and how many such members there are (the client weighs shards by that count)."""
         batch = labels.shape[0]
-        feats = np.zeros((batch, self.dim), dtype=np.float32)
         counts = np.zeros(batch, dtype=np.int64)
-        ids = np.full(batch, -1, dtype=np.int64)
+        rows = np.full(batch, -1, dtype=np.int64)
         uniforms = torch.rand(batch, generator=g, device=self.device).cpu().numpy()
         anchors = anchor_rows.cpu().numpy()
+        anchor_labels = self.labels[anchor_rows.clamp_min(0)].cpu().numpy()
         for i, label in enumerate(labels.cpu().numpy()):
             if label < 0:
                 continue
             members = self.members[label]
-            own = anchors[i] >= 0 and self.labels[anchors[i]].item() == label
+            own = anchors[i] >= 0 and anchor_labels[i] == label
             counts[i] = len(members) - int(own)
             if counts[i] == 0:
                 continue
             pick = int(uniforms[i] * counts[i])
             if own and pick >= self.slot[anchors[i]]:
                 pick += 1  # skip the anchor itself
-            feats[i] = self.feats[members[pick]].float().cpu().numpy()
-            ids[i] = members[pick] * self.num_shards + self.shard_index
+            rows[i] = members[pick]
+        found = rows >= 0
+        feats = np.zeros((batch, self.dim), dtype=np.float32)
+        if found.any():
+            feats[found] = self.feats[torch.as_tensor(rows[found], device=self.device)].float().cpu().numpy()
+        ids = np.where(found, rows * self.num_shards + self.shard_index, -1)
         return {"positive": feats, "positive_count": counts, "positive_id": ids}
 
     # --- stats and snapshots -------------------------------------------------------------------

@@ -445,6 +445,8 @@ def _reconstructed() -> bool:
     import warnings
     try:
         import ray
+        if not ray.is_initialized():  # used outside Ray (benchmarks, GPU timing): never start one
+            return False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return ray.get_runtime_context().was_current_actor_reconstructed

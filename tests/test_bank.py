@@ -297,6 +297,20 @@ def test_one_query_for_both_branches_is_exact_for_each(three_shard_bank):
     assert not any(i in n for i, n in zip(ids, answer.intra_negative_ids))
 
 
+def test_fp16_storage_keeps_updates_and_exact_folded_gradients(make_bank):
+    bank, x, _ = clustered_bank(make_bank, shards=2, dtype="float16")
+    np.testing.assert_allclose(bank.get(np.arange(600)).numpy(), x, atol=1e-3)  # fp16 rounding only
+    ids = np.array([0, 1, 2, 3])
+    q = torch.randn(4, 8, generator=torch.Generator().manual_seed(14), requires_grad=True)
+    answer = bank.query(q, ids, intra_negatives=10, inter_negatives=10, seed=15, return_ids=True)
+    folded = info_nce_from_logits(answer.inter_pos, answer.inter_neg, 0.1, margin=-0.5)
+    negatives = torch.stack([bank.get(n) for n in answer.inter_negative_ids])
+    explicit = info_nce(q, bank.get(answer.inter_positive_ids), negatives, 0.1, margin=-0.5)
+    assert folded.item() == pytest.approx(explicit.item(), rel=1e-4)
+    bank.update(ids, torch.randn(4, 8))
+    assert bank.stats()["step"] == 1
+
+
 def test_intra_positive_is_the_bank_feature_of_the_anchor(make_bank):
     bank, _, _ = clustered_bank(make_bank, shards=2)
     ids = np.array([4, 9, 10])

@@ -30,7 +30,7 @@ import torch
 
 from bank.autograd import combine_shards, folded_negative_similarity
 from bank.kmeans import kmeans_plus_plus, normalized_mutual_info, split_empty_clusters
-from bank.shard import STRATEGIES, BankShard, BankStateError
+from bank.shard import STRATEGIES, BankShard, BankStateError, ShardRestartedError
 
 log = logging.getLogger("viewbank.bank")
 
@@ -150,7 +150,7 @@ class MemoryBank:
                 results = ray.get(refs)
                 self.traffic_bytes += _nbytes([a for _, _, a, _ in calls]) + _nbytes(results)
                 return results
-            except (ray.exceptions.RayActorError, BankStateError) as exc:
+            except (ray.exceptions.RayActorError, ShardRestartedError) as exc:
                 if attempt == 1:
                     raise
                 log.warning("bank shard failure (%s); restoring all shards from the last snapshot",

@@ -31,7 +31,11 @@ SCORE_BYTES = 256 << 20  # cap on a [b, n] similarity chunk
 
 
 class BankStateError(RuntimeError):
-    """The shard cannot answer truthfully (restarted without a snapshot, or not yet restored)."""
+    """The bank cannot answer this request truthfully."""
+
+
+class ShardRestartedError(BankStateError):
+    """The shard was restarted: it has no state (no snapshot) or awaits a resync of its replicas."""
 
 
 class BankShard:
@@ -78,7 +82,7 @@ class BankShard:
 
     def _check(self) -> None:
         if self.state_error is not None:
-            raise BankStateError(self.state_error)
+            raise ShardRestartedError(self.state_error)
 
     def _rebuild_members(self) -> None:
         labels = self.labels.cpu().numpy()

@@ -1,0 +1,113 @@
+"""Augmentation recipes as data, and the DALI graph that turns one decoded image into K views.
+
+A `Recipe` is a list of `ViewSpec`s (one per output view) plus an optional colour space. The graph
+decodes each image once and runs one branch per view; random ops are gated by their probability
+with DALI conditionals, so a skipped op costs nothing (a straight port that always blurs is ~2.5×
+slower on CPU), and the blur window follows σ (DALI sizes it from the per-sample sigma).
+
+CPU vs GPU is one argument, `device`: it picks the decoder ("cpu" or "mixed") and the device of
+every op after it. Nothing else differs between the two graphs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nvidia.dali import fn, types
+
+from pipeline import colorspace
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One augmented view. Defaults are MoCo-v2 / SimCLR's (InterCLR Sect. 5.1.2, CACR App. C)."""
+    size: int = 224
+    scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    p_jitter: float = 0.8
+    p_gray: float = 0.2
+    p_blur: float = 0.5
+    sigma: tuple[float, float] = (0.1, 2.0)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    views: tuple[ViewSpec, ...]
+    colorspace: str | None = None  # "lab" / "ydbdr": CMC views, normalised with CMC's constants
+
+    @property
+    def num_views(self) -> int:
+        return len(self.views)
+
+
+def two_crop(size: int = 224) -> Recipe:
+    """MoCo-v2 / SimCLR: two views, RandomResizedCrop(scale 0.2–1), jitter p=0.8, gray p=0.2,
+    blur σ∈[0.1, 2] p=0.5, flip."""
+    return Recipe("two_crop", (ViewSpec(size), ViewSpec(size)))
+
+
+def k_views(k: int, size: int = 224) -> Recipe:
+    """K independent views of the same decoded image (CACR K=4)."""
+    if k < 1:
+        raise ValueError(f"k_views needs k >= 1, got {k}")
+    return Recipe(f"k_views({k})", tuple(ViewSpec(size) for _ in range(k)))
+
+
+def cmc(space: str, size: int = 224, num_views: int = 1) -> Recipe:
+    """CMC (Sect. 4.1): random resized crop and flip, then Lab or YDbDr; the model splits the
+    channels as [1, 2] (L | ab, Y | DbDr)."""
+    if space not in colorspace.SPACES:
+        raise ValueError(f"unknown colour space {space!r} (choose from {', '.join(colorspace.SPACES)})")
+    plain = ViewSpec(size, scale=(0.08, 1.0), p_jitter=0.0, p_gray=0.0, p_blur=0.0)
+    return Recipe(space, tuple(plain for _ in range(num_views)), colorspace=space)
+
+
+RECIPES = {"two_crop": two_crop, "lab": lambda size=224: cmc("lab", size),
+           "ydbdr": lambda size=224: cmc("ydbdr", size)}
+
+
+def recipe_by_name(name: str, size: int = 224) -> Recipe:
+    if name.startswith("k_views(") and name.endswith(")"):
+        return k_views(int(name[len("k_views("):-1]), size)
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r} (choose from {', '.join(RECIPES)}, k_views(K))")
+    return RECIPES[name](size)
+
+
+def augment(image, spec: ViewSpec, device: str, space: str | None):
+    """One view of a decoded HWC uint8 image node (a DALI graph built with enable_conditionals)."""
+    view = fn.random_resized_crop(image, device=device, size=[spec.size, spec.size],
+                                  random_area=list(spec.scale), random_aspect_ratio=list(spec.ratio))
+    if spec.p_jitter > 0 and fn.random.coin_flip(probability=spec.p_jitter):
+        b, c, s, h = spec.jitter
+        view = fn.color_twist(view, device=device,
+                              brightness=fn.random.uniform(range=[1 - b, 1 + b]),
+                              contrast=fn.random.uniform(range=[1 - c, 1 + c]),
+                              saturation=fn.random.uniform(range=[1 - s, 1 + s]),
+                              hue=fn.random.uniform(range=[-h * 360, h * 360]))
+    if spec.p_gray > 0 and fn.random.coin_flip(probability=spec.p_gray):
+        view = fn.hsv(view, device=device, saturation=0.0)
+    if spec.p_blur > 0 and fn.random.coin_flip(probability=spec.p_blur):
+        view = fn.gaussian_blur(view, device=device, sigma=fn.random.uniform(range=list(spec.sigma)))
+    mirror = fn.random.coin_flip() if spec.flip else 0
+    if space is None:
+        return fn.crop_mirror_normalize(view, device=device, dtype=types.FLOAT, output_layout="CHW",
+                                        mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), mirror=mirror)
+    view = fn.flip(view, device=device, horizontal=mirror)
+    converted = colorspace.convert_node(fn.cast(view, device=device, dtype=types.FLOAT) / 255.0, space)
+    return colorspace.normalize_node(converted, space)
+
+
+def decode(encoded, device: str):
+    """The only place the device changes the graph: CPU decode, or nvJPEG ("mixed") to the GPU."""
+    return fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+
+
+def views_graph(encoded, recipe: Recipe, device: str) -> list:
+    image = decode(encoded, device)
+    return [augment(image, spec, device, recipe.colorspace) for spec in recipe.views]

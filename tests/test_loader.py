@@ -1,0 +1,107 @@
+"""pipeline.build_loader: DALI CPU graphs over converted shards — shapes, ids and labels from the
+shards, rank sharding, epochs, determinism, errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.convert import convert
+from pipeline.loader import LoaderError, build_loader
+from pipeline.manifest import Manifest
+from pipeline.views import ViewSpec, Recipe
+from tests import datasets
+
+SMALL = 64  # view size for speed; the recipes default to 224
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    datasets.make_imagenet(root / "src", per_class=10)  # 50 real photos, 5 classes
+    convert("imagenet", root / "src", root / "out", "train", max_count=12, workers=1, log=lambda m: None)
+    return root / "out"
+
+
+def small(recipe_views: int = 2, space=None) -> Recipe:
+    return Recipe("small", tuple(ViewSpec(SMALL) for _ in range(recipe_views)), colorspace=space)
+
+
+def epoch(loader):
+    return list(loader)
+
+
+def test_views_have_declared_shapes_and_differ(shards):
+    batches = epoch(build_loader(shards, small(3), batch_size=16))
+    for batch in batches:
+        assert len(batch["views"]) == 3
+        for view in batch["views"]:
+            assert view.shape == (len(batch["index"]), 3, SMALL, SMALL) and view.dtype == torch.float32
+        assert not torch.allclose(batch["views"][0], batch["views"][1])
+
+
+def test_default_recipes_are_224(shards):
+    batch = next(iter(build_loader(shards, "two_crop", batch_size=4)))
+    assert [tuple(v.shape) for v in batch["views"]] == [(4, 3, 224, 224)] * 2
+
+
+def test_index_and_label_come_from_the_shards(shards):
+    manifest = Manifest(shards)
+    seen = []
+    for batch in build_loader(shards, small(), batch_size=16):
+        for sample_id, label in zip(batch["index"].tolist(), batch["label"].tolist()):
+            assert manifest.label(sample_id) == label
+            seen.append(sample_id)
+    assert sorted(seen) == list(range(50))  # one epoch, every sample once
+
+
+def test_two_ranks_see_disjoint_ids_whose_union_is_the_epoch(shards):
+    ids = [torch.cat([b["index"] for b in build_loader(shards, small(), 8, rank=r, world_size=2)]).tolist()
+           for r in range(2)]
+    assert not set(ids[0]) & set(ids[1])
+    assert sorted(ids[0] + ids[1]) == list(range(50))
+    assert len(ids[0]) == 25 and len(build_loader(shards, small(), 8, rank=0, world_size=2)) == 4
+
+
+def test_epoch_length_and_drop_last(shards):
+    keep = build_loader(shards, small(), batch_size=16)
+    drop = build_loader(shards, small(), batch_size=16, drop_last=True)
+    assert len(keep) == 4 and len(drop) == 3
+    assert [len(b["index"]) for b in keep] == [16, 16, 16, 2]
+    for _ in range(2):  # the next epoch starts on a boundary, every sample once again
+        ids = torch.cat([b["index"] for b in drop]).tolist()
+        assert len(ids) == 48 and len(set(ids)) == 48
+
+
+def test_same_seed_gives_identical_batches_and_another_seed_does_not(shards):
+    a, b, c = (epoch(build_loader(shards, small(), 16, seed=s)) for s in (3, 3, 4))
+    for x, y in zip(a, b):
+        assert torch.equal(x["index"], y["index"])
+        assert all(torch.equal(u, v) for u, v in zip(x["views"], y["views"]))
+    assert not all(torch.equal(x["views"][0], z["views"][0]) for x, z in zip(a, c))
+
+
+def test_lab_views_are_cmc_normalised(shards):
+    batch = next(iter(build_loader(shards, small(1, "lab"), batch_size=16)))
+    lightness = batch["views"][0][:, 0]
+    assert lightness.min() >= -1.0 - 1e-4 and lightness.max() <= 1.0 + 1e-4  # (L - 50) / 50, L in [0, 100]
+
+
+def test_missing_shard_or_index_is_a_one_line_error(shards, tmp_path):
+    with pytest.raises(LoaderError, match="convert the dataset first"):
+        build_loader(tmp_path, "two_crop", 4)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    summary = json.loads((shards / "train.json").read_text())
+    (copy / "train.json").write_text(json.dumps(summary))
+    with pytest.raises(LoaderError, match="listed in .* but missing"):
+        build_loader(copy, "two_crop", 4)
+
+
+def test_bad_arguments(shards):
+    with pytest.raises(ValueError, match="unknown recipe"):
+        build_loader(shards, "three_crop", 4)
+    with pytest.raises(LoaderError, match="rank 2 outside a world of 2"):
+        build_loader(shards, "two_crop", 4, rank=2, world_size=2)

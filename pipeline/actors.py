@@ -1,0 +1,132 @@
+"""Decoupled loaders: DALI pipelines in Ray actors feeding trainers over the object store.
+
+    loaders = create_loader_actors("shards/in1k", "two_crop", batch_size=256, num_loaders=2,
+                                   rank=r, world_size=w, seed=0)
+    for batch in ActorLoader(loaders, prefetch=2).epoch(e):   # same batch dicts as build_loader
+        ...
+
+Loader i of trainer r reads DALI shard r·L + i of w·L, so every sample appears once per epoch
+per trainer group, and loaders scale by count (CPU-only nodes can feed GPU trainers). Each actor
+builds its epoch's pipeline from (seed, epoch), so an epoch is a deterministic sequence of batches:
+when a loader dies, it is restarted (max_restarts), replays the epoch and skips the batches the
+trainer already received — no sample lost, none duplicated; the replay is counted in `replayed`.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+import ray
+import torch
+
+from pipeline.loader import build_loader
+
+
+class LoaderRestartedError(RuntimeError):
+    """The loader actor was restarted and has no epoch open: the trainer must reopen it."""
+
+
+class LoaderActor:
+    def __init__(self, root: str, recipe, batch_size: int, shard_index: int, num_shards: int, seed: int,
+                 split: str = "train", device: str = "cpu", num_threads: int = 1):
+        self.args = dict(root=root, recipe=recipe, batch_size=batch_size, rank=shard_index,
+                         world_size=num_shards, split=split, device=device, num_threads=num_threads)
+        self.seed = seed
+        self._batches = None
+
+    def start_epoch(self, epoch: int, skip: int = 0) -> int:
+        """Build this epoch's pipeline, drop the first `skip` batches; return the epoch length."""
+        loader = build_loader(seed=self.seed * 7_919 + epoch, **self.args)
+        self._batches = iter(loader)
+        for _ in range(skip):
+            next(self._batches)
+        return len(loader)
+
+    def next_batch(self) -> dict | None:
+        if self._batches is None:
+            raise LoaderRestartedError("loader actor restarted; reopen the epoch with start_epoch")
+        batch = next(self._batches, None)
+        if batch is None:
+            return None
+        return {"views": [v.numpy() for v in batch["views"]], "index": batch["index"].numpy(),
+                "label": batch["label"].numpy()}
+
+    def ping(self) -> bool:
+        return True
+
+
+def create_loader_actors(root, recipe, batch_size: int, num_loaders: int = 1, rank: int = 0,
+                         world_size: int = 1, seed: int = 0, split: str = "train", device: str = "cpu",
+                         num_threads: int = 1, actor_options: dict | None = None) -> list:
+    """Start `num_loaders` loader actors for trainer `rank` of `world_size` (1 CPU each by default;
+    `actor_options` e.g. {"num_gpus": 1} with device="gpu", or a node-affinity strategy)."""
+    if num_loaders < 1:
+        raise ValueError(f"num_loaders must be >= 1, got {num_loaders}")
+    options = {"num_cpus": 1, "max_restarts": -1, "max_task_retries": 0, **(actor_options or {})}
+    remote = ray.remote(LoaderActor).options(**options)
+    return [remote.remote(str(root), recipe, batch_size, rank * num_loaders + i, world_size * num_loaders, seed,
+                          split, device, num_threads) for i in range(num_loaders)]
+
+
+class ActorLoader:
+    """Trainer-side iterator over loader actors with at most `prefetch` batches in flight per
+    loader (backpressure: a loader computes ahead only that far)."""
+
+    def __init__(self, actors: list, prefetch: int = 2, restart_timeout: float = 120.0):
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
+        self.actors, self.prefetch, self.restart_timeout = actors, prefetch, restart_timeout
+        self.replayed = 0  # batches a restarted loader had to recompute
+        self.max_in_flight = 0
+        self.wait_seconds = 0.0  # time the trainer spent blocked on the loaders
+
+    def __len__(self) -> int:
+        return sum(self._lengths) if hasattr(self, "_lengths") else 0
+
+    def epoch(self, epoch: int = 0):
+        self._lengths = ray.get([a.start_epoch.remote(epoch) for a in self.actors])
+        delivered = [0] * len(self.actors)
+        in_flight = [deque() for _ in self.actors]
+        issued = [0] * len(self.actors)
+
+        def refill(i):
+            while len(in_flight[i]) < self.prefetch and issued[i] < self._lengths[i]:
+                in_flight[i].append(self.actors[i].next_batch.remote())
+                issued[i] += 1
+            self.max_in_flight = max(self.max_in_flight, len(in_flight[i]))
+
+        for i in range(len(self.actors)):
+            refill(i)
+        while any(d < n for d, n in zip(delivered, self._lengths)):
+            for i in range(len(self.actors)):
+                if delivered[i] >= self._lengths[i]:
+                    continue
+                start = time.perf_counter()
+                try:
+                    batch = ray.get(in_flight[i].popleft())
+                except (ray.exceptions.RayActorError, LoaderRestartedError):
+                    self._restart(i, epoch, delivered[i])
+                    in_flight[i].clear()
+                    issued[i] = delivered[i]
+                    refill(i)
+                    continue
+                finally:
+                    self.wait_seconds += time.perf_counter() - start
+                delivered[i] += 1
+                refill(i)
+                yield {"views": [torch.from_numpy(np.array(v)) for v in batch["views"]],
+                       "index": torch.from_numpy(np.array(batch["index"])),
+                       "label": torch.from_numpy(np.array(batch["label"]))}
+
+    def _restart(self, i: int, epoch: int, delivered: int) -> None:
+        deadline = time.monotonic() + self.restart_timeout
+        while True:
+            try:
+                ray.get(self.actors[i].start_epoch.remote(epoch, skip=delivered), timeout=60)
+                self.replayed += delivered
+                return
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)

@@ -3,6 +3,7 @@ DataLoader doing the same MoCo-v2 augmentation, same number of workers/threads, 
 images. Prints JSON.
 
     python benchmarks/pipeline.py [--images 512] [--workers 2]
+    python benchmarks/pipeline.py --actors     # + batches/s to one trainer from 1 and 2 loader actors
 
 Images: real photos (skimage.data) cut and resized to 500×375 JPEGs, in the ImageNet folder layout
 for torchvision and converted to shards for DALI.
@@ -78,12 +79,46 @@ def images_per_second(loader, epochs: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def actor_throughput(shards: Path, batch_size: int, epochs: int) -> dict:
+    """Batches/s delivered to this (trainer) process: in-process DALI vs 1 and 2 loader actors,
+    each actor one DALI thread on one core; object-store bytes per batch; trainer wait fraction."""
+    import ray
+
+    from pipeline.actors import ActorLoader, create_loader_actors
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    out = {}
+    in_process = build_loader(shards, "two_crop", batch_size, num_threads=1)
+    start, batches = time.perf_counter(), 0
+    for _ in range(epochs):
+        for batch in in_process:
+            batches += 1
+    out["in_process_1_thread_batches_per_s"] = round(batches / (time.perf_counter() - start), 2)
+    out["bytes_per_batch"] = sum(v.numel() * 4 for v in batch["views"]) + 16 * len(batch["index"])
+    for count in (1, 2):
+        actors = create_loader_actors(shards, "two_crop", batch_size, num_loaders=count, num_threads=1)
+        loader = ActorLoader(actors, prefetch=2)
+        list(loader.epoch(0))  # warm-up: pipelines built, workers started
+        loader.wait_seconds = 0.0
+        start, batches = time.perf_counter(), 0
+        for epoch in range(1, epochs + 1):
+            for _ in loader.epoch(epoch):
+                batches += 1
+        seconds = time.perf_counter() - start
+        out[f"{count}_actors_batches_per_s"] = round(batches / seconds, 2)
+        out[f"{count}_actors_trainer_wait_fraction"] = round(loader.wait_seconds / seconds, 3)
+        for actor in actors:
+            ray.kill(actor)
+    ray.shutdown()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--actors", action="store_true", help="also measure loader actors")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,12 +128,14 @@ def main() -> None:
         dali = build_loader(tmp / "shards", "two_crop", args.batch, num_threads=args.workers)
         ours = images_per_second(dali, args.epochs)
         reference = images_per_second(torchvision_loader(tmp / "src", args.batch, args.workers), args.epochs)
+        actors = actor_throughput(tmp / "shards", args.batch, args.epochs) if args.actors else {}
     print(json.dumps({
         "benchmark": "pipeline_two_crop_500x375_jpeg", "images": args.images, "cores": os.cpu_count(),
         "workers_or_threads": args.workers, "views": 2, "view_size": 224,
         "dali_cpu_img_per_s": round(ours, 1), "torchvision_pil_img_per_s": round(reference, 1),
         "ratio_dali_over_torchvision": round(ours / reference, 2),
         "dali_img_per_s_per_core": round(ours / (os.cpu_count() or 1), 1),
+        **({"loader_actors": actors} if actors else {}),
     }, indent=1))
 
 

@@ -406,3 +406,18 @@ def test_nmi_matches_sklearn():
     b[:250] = a[:250] % 4  # partly dependent
     pairs, counts = np.unique(np.stack([a, b], 1), axis=0, return_counts=True)
     assert normalized_mutual_info(pairs, counts) == pytest.approx(normalized_mutual_info_score(a, b), abs=1e-12)
+
+
+def test_the_bank_handle_works_inside_another_ray_worker(three_shard_bank, ray_cluster):
+    @ray_cluster.remote(num_cpus=0)
+    def trainer_side(bank, ids):
+        # what a Ray Train worker does with the handle it receives in train_loop_config
+        q = torch.randn(len(ids), 8, requires_grad=True)
+        pos, neg = bank.inter(q, ids, 10, "semi_hard", 0.1, seed=3)
+        info_nce_from_logits(pos, neg, 0.1).backward()
+        return bank.get(ids).numpy(), bool(torch.isfinite(q.grad).all())
+
+    ids = np.array([7, 8, 9])
+    feats, finite = ray_cluster.get(trainer_side.remote(three_shard_bank, ids))
+    np.testing.assert_array_equal(feats, three_shard_bank.get(ids).numpy())
+    assert finite

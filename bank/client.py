@@ -190,12 +190,16 @@ class MemoryBank:
 
     # --- reads and writes ------------------------------------------------------------------------
 
-    def _gather(self, ids: np.ndarray, method: str, width: int | None, dtype) -> np.ndarray:
+    def _from_owners(self, ids: np.ndarray, method: str) -> list[tuple[np.ndarray, object]]:
+        """Call `method` on each shard with the ids it owns: [(positions in ids, its answer)]."""
         owners = self._owners(ids)
         calls = [(s, method, (ids[pos],), {}) for s, pos in enumerate(owners) if len(pos)]
+        return [(owners[s], part) for (s, _, _, _), part in zip(calls, self._call(calls))]
+
+    def _gather(self, ids: np.ndarray, method: str, width: int | None, dtype) -> np.ndarray:
         out = np.zeros((len(ids), width) if width else len(ids), dtype=dtype)
-        for (s, _, _, _), part in zip(calls, self._call(calls)):
-            out[owners[s]] = part
+        for positions, part in self._from_owners(ids, method):
+            out[positions] = part
         return out
 
     def get(self, ids) -> torch.Tensor:
@@ -226,13 +230,11 @@ class MemoryBank:
     # --- queries ---------------------------------------------------------------------------------
 
     def _anchors(self, ids: np.ndarray) -> dict:
-        owners = self._owners(ids)
-        calls = [(s, "anchor_info", (ids[pos],), {}) for s, pos in enumerate(owners) if len(pos)]
         info = {"feats": np.zeros((len(ids), self.dim), np.float32), "labels": np.zeros(len(ids), np.int64),
                 "cluster_counts": np.zeros((len(ids), self.num_shards), np.int64)}
-        for (s, _, _, _), part in zip(calls, self._call(calls)):
+        for positions, part in self._from_owners(ids, "anchor_info"):
             for key in info:
-                info[key][owners[s]] = part[key]
+                info[key][positions] = part[key]
         return info
 
     def _shares(self, ids: np.ndarray, labels: np.ndarray | None, cluster_counts: np.ndarray, k: int,

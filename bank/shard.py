@@ -161,7 +161,7 @@ class BankShard:
         position[touched] = torch.arange(len(touched), device=self.device)
         delta = torch.zeros(len(touched), self.dim, dtype=torch.float64, device=self.device)
         delta.index_add_(0, position[new_labels[clustered]], stored[clustered].double())
-        delta.index_add_(0, position[old_labels[clustered]], -old[clustered].to(self.storage).double())
+        delta.index_add_(0, position[old_labels[clustered]], -old[clustered].double())  # old = stored values
         delta_counts = (torch.bincount(position[new_labels[clustered]], minlength=len(touched))
                         - torch.bincount(position[old_labels[clustered]], minlength=len(touched)))
         return {"shard": self.shard_index, "clusters": touched.cpu().numpy(), "sums": delta.cpu().numpy(),
@@ -183,22 +183,12 @@ class BankShard:
 
     # --- k-means -------------------------------------------------------------------------------
 
-    def sample_features(self, count: int, seed: int) -> np.ndarray:
-        g = torch.Generator().manual_seed(seed * 7919 + self.shard_index)
-        rows = torch.randperm(self.rows, generator=g)[:count].to(self.device)
-        return self.feats[rows].float().cpu().numpy()
-
-    def features_at(self, ids: np.ndarray) -> np.ndarray:
-        return self.get(ids)
-
     def assign_partial(self, centroids: np.ndarray, keep: bool = False) -> dict:
         """One Lloyd step near the data: assign rows, return per-cluster sums, counts, inertia.
         keep=True also makes the assignment this shard's pseudo-labels (the final k-means pass)."""
         self._check()
         labels, distances = nearest_centroid(self.feats, self._tensor(centroids))
-        sums = torch.zeros(self.num_clusters, self.dim, dtype=torch.float64, device=self.device)
-        sums.index_add_(0, labels, self.feats.double())
-        counts = torch.bincount(labels, minlength=self.num_clusters)
+        sums, counts = self._cluster_sums(labels)
         if keep:
             self.labels = labels
             self._rebuild_members()
@@ -209,11 +199,18 @@ class BankShard:
         """Final k-means assignment: set labels and membership; return local sums and counts."""
         return self.assign_partial(centroids, keep=True)
 
-    def local_cluster_sums(self) -> dict:
-        clustered = self.labels >= 0
+    def _cluster_sums(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-cluster float64 sums and counts of this shard's rows under `labels` (-1 = none)."""
+        feats = self.feats
+        clustered = labels >= 0
+        if not bool(clustered.all()):  # mask only when needed: a mask copies the whole bank
+            labels, feats = labels[clustered], feats[clustered]
         sums = torch.zeros(self.num_clusters, self.dim, dtype=torch.float64, device=self.device)
-        sums.index_add_(0, self.labels[clustered], self.feats[clustered].double())
-        counts = torch.bincount(self.labels[clustered], minlength=self.num_clusters)
+        sums.index_add_(0, labels, feats.double())
+        return sums, torch.bincount(labels, minlength=self.num_clusters)
+
+    def local_cluster_sums(self) -> dict:
+        sums, counts = self._cluster_sums(self.labels)
         return {"sums": sums.cpu().numpy(), "counts": counts.cpu().numpy()}
 
     def set_replicas(self, sums: np.ndarray, counts: np.ndarray, centroids: np.ndarray) -> None:
@@ -279,9 +276,10 @@ class BankShard:
             step = max(1, SCORE_BYTES // max(1, self.rows * 4))
         else:
             step = max(1, GATHER_BYTES // max(1, k_max * self.dim * 4))
+        bank_t = self.feats.float().T if need_similarity else None  # a copy only for fp16 storage: once per call
         for start in range(0, batch if k_max else 0, step):
             sl = slice(start, start + step)
-            sims = q[sl] @ self.feats.float().T if need_similarity else None  # [b, n], shared by requests
+            sims = q[sl] @ bank_t if need_similarity else None  # [b, n], shared by requests
             for request, labels, shares, by_similarity, out in prepared:
                 if int(shares[sl].max()) == 0:
                     continue
@@ -314,11 +312,15 @@ class BankShard:
             results.append(result)
         return results
 
-    def _excluded(self, labels: torch.Tensor, anchor_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """True where rows[i, j] may not be a negative of query i."""
-        same = (rows == anchor_rows[:, None])
-        clustered = labels >= 0
-        return same | (clustered[:, None] & (self.labels[rows] == labels[:, None]))
+    def _excluded(self, labels: torch.Tensor, anchor_rows: torch.Tensor,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+        """True where a row may not be a negative of query i: the anchor itself or, for inter
+        queries (label >= 0), a member of the anchor's cluster. rows: [b, k] candidates, or None
+        for every row of this shard (broadcast, [b, n])."""
+        if rows is None:
+            rows = torch.arange(self.rows, device=self.device)[None, :]
+        same_cluster = (labels[:, None] >= 0) & (self.labels[rows] == labels[:, None])
+        return (rows == anchor_rows[:, None]) | same_cluster
 
     def _sample_random(self, labels, anchor_rows, shares, g):
         """iid uniform draws among allowed rows, by rejection (rejects ≈ |cluster|/n of draws)."""
@@ -349,9 +351,7 @@ class BankShard:
         top-k of the largest pool finds every row's candidates; a small top-k over their values
         trims each row to its own pool; random keys draw the share without replacement."""
         b, k_max = sims.shape[0], int(shares.max())
-        excluded = (labels[:, None] >= 0) & (self.labels[None, :] == labels[:, None])
-        own = (anchor_rows >= 0).nonzero(as_tuple=True)[0]
-        excluded[own, anchor_rows[own]] = True
+        excluded = self._excluded(labels, anchor_rows)
         key = (-sims if strategy == "semi_easy" else sims).masked_fill(excluded, -math.inf)
         allowed = (~excluded).sum(dim=1)
         if strategy == "hard":

@@ -29,8 +29,10 @@ fashion-mnist:
 test: install fashion-mnist
 	$(PY) -m pytest -q
 
+# Converts Fashion-MNIST, starts a local Ray head, submits the InterCLR demo job, stops Ray.
+# Extra job flags: make demo ARGS="--base moco"
 demo: install fashion-mnist
-	@echo "make demo: not yet available (the InterCLR job lands with the jobs issue)"
+	PY=$(PY) RAY=$(VENV)/bin/ray bash scripts/demo.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

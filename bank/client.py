@@ -58,6 +58,7 @@ class MemoryBank:
         self.rows = np.array([len(range(s, self.num_samples, self.num_shards)) for s in range(self.num_shards)])
         self._rng = np.random.default_rng(config["seed"])
         self.traffic_bytes = 0  # numpy payload sent to and received from the shards
+        self.wait_seconds = 0.0  # time the caller spent blocked on the shards
 
     # --- construction ----------------------------------------------------------------------------
 
@@ -108,7 +109,7 @@ class MemoryBank:
                           meta["momentum"], meta["seed"], meta["dtype"],
                           snapshot_root or meta.get("snapshot_root"), true_labels, actor_options,
                           meta.get("max_restarts", -1), meta.get("threads_per_shard"))
-        bank._restore_all(str(directory))
+        bank.restore(str(directory))
         return bank
 
     def shutdown(self) -> None:
@@ -145,9 +146,11 @@ class MemoryBank:
         """calls: list of (shard_index, method, args, kwargs). One ray.get for the fan-out; if a shard
         died or restarted, restore every shard from the last snapshot and retry once."""
         for attempt in (0, 1):
+            start = time.perf_counter()
             refs = [getattr(self.shards[s], m).remote(*a, **k) for s, m, a, k in calls]
             try:
                 results = ray.get(refs)
+                self.wait_seconds += time.perf_counter() - start
                 self.traffic_bytes += _nbytes([a for _, _, a, _ in calls]) + _nbytes(results)
                 return results
             except (ray.exceptions.RayActorError, ShardRestartedError) as exc:
@@ -172,9 +175,15 @@ class MemoryBank:
         if pointer is None or not pointer.exists():
             raise BankStateError("a bank shard was restarted and no snapshot exists to restore it from "
                                  "(create the bank with snapshot_root and call save() periodically)")
-        self._restore_all(str(Path(root) / pointer.read_text().strip()))
+        self.restore(str(Path(root) / pointer.read_text().strip()))
 
-    def _restore_all(self, directory: str) -> None:
+    def restore(self, directory: str) -> None:
+        """Load every shard from a `save()` snapshot (same number of shards and samples)."""
+        meta = json.loads((Path(directory) / "bank.json").read_text())
+        if (meta["num_samples"], meta["dim"], meta["num_shards"]) != (self.num_samples, self.dim, self.num_shards):
+            raise BankStateError(f"snapshot {directory} holds {meta['num_samples']}×{meta['dim']} on "
+                                 f"{meta['num_shards']} shards; this bank is {self.num_samples}×{self.dim} on "
+                                 f"{self.num_shards}")
         partials = ray.get([s.restore.remote(directory) for s in self.shards])
         centroids = torch.load(Path(directory) / "shard-0000.pt")["centroids"].numpy()
         self._broadcast_replicas(partials, centroids)

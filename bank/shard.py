@@ -169,7 +169,7 @@ class BankShard:
 
     def apply_deltas(self, deltas: list[dict]) -> None:
         for delta in deltas:
-            clusters = torch.as_tensor(delta["clusters"], dtype=torch.int64, device=self.device)
+            clusters = torch.as_tensor(np.array(delta["clusters"]), dtype=torch.int64, device=self.device)
             if len(clusters) == 0:
                 continue
             self.sums[clusters] += self._tensor(delta["sums"])
@@ -377,6 +377,7 @@ class BankShard:
         short = shares > pool  # a share larger than the pool: the rest is drawn again, with replacement
         if bool(short.any()):
             again = (torch.rand(b, k_max, generator=g, device=self.device) * pool.clamp_min(1)[:, None]).long()
+            again = again.clamp_max(picks.shape[1] - 1)  # rows that are not short may have pool > k_max
             beyond = (positions >= pool[:, None]) & short[:, None]
             picks = torch.where(beyond, torch.gather(picks, 1, again), picks)
         valid = (positions < shares[:, None]) & (pool[:, None] > 0) & torch.gather(in_pool, 1, picks)

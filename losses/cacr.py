@@ -8,9 +8,10 @@ from losses._common import check_negatives, check_temperature, normalize
 
 def _squared_distances(query: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     """c(q, x) = ‖q - x‖² for query [B, D] and others [B, N, D] or [N, D] → [B, N]."""
-    if others.dim() == 2:
-        others = others.unsqueeze(0)
-    return (query.unsqueeze(1) - others).pow(2).sum(dim=-1)  # [B, 1, D] - [B|1, N, D] -> [B, N]
+    if others.dim() == 2:  # shared (a queue of N keys): ‖q‖² + ‖x‖² - 2q·x, no [B, N, D] temporary
+        cross = query @ others.T  # [B, N]
+        return (query.pow(2).sum(1, keepdim=True) + others.pow(2).sum(1) - 2 * cross).clamp_min(0)
+    return (query.unsqueeze(1) - others).pow(2).sum(dim=-1)  # [B, 1, D] - [B, N, D] -> [B, N]
 
 
 def cacr_loss(query: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,

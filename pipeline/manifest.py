@@ -34,7 +34,19 @@ class Location:
     key: str
 
 
+_READERS: dict[str, lmdb.Environment] = {}  # LMDB allows one open environment per path and process
+
+
 def _open(path: Path, readonly: bool) -> lmdb.Environment:
+    if readonly:
+        key = str(path.resolve())
+        if key not in _READERS:
+            _READERS[key] = lmdb.open(key, map_size=MAP_SIZE, subdir=True, readonly=True, lock=False,
+                                      readahead=False, max_dbs=0)
+        return _READERS[key]
+    reader = _READERS.pop(str(path.resolve()), None)
+    if reader is not None:  # a writer replaces the process's reader; the next Manifest reopens it
+        reader.close()
     return lmdb.open(str(path), map_size=MAP_SIZE, subdir=True, readonly=readonly,
                      lock=not readonly, readahead=False, max_dbs=0)
 
@@ -82,7 +94,7 @@ class Manifest:
             return np.frombuffer(txn.get(f"{self.split}/labels".encode()), dtype="<i4").copy()
 
     def close(self) -> None:
-        self._env.close()
+        """Readers share one environment per path (kept open for the process); nothing to release."""
 
 
 def write_split(out_dir: Path, split: str, classes: list[str], shards: list[str],

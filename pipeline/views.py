@@ -32,6 +32,7 @@ class ViewSpec:
     p_gray: float = 0.2
     p_blur: float = 0.5
     sigma: tuple[float, float] = (0.1, 2.0)
+    random: bool = True  # False: resize the shorter side to `size` and centre-crop (evaluation)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ def two_crop(size: int = 224) -> Recipe:
     return Recipe("two_crop", (ViewSpec(size), ViewSpec(size)))
 
 
+def one_crop(size: int = 224) -> Recipe:
+    """One MoCo-v2 view (NPIDv2, supervised training)."""
+    return Recipe("one_crop", (ViewSpec(size),))
+
+
 def k_views(k: int, size: int = 224) -> Recipe:
     """K independent views of the same decoded image (CACR K=4)."""
     if k < 1:
@@ -67,7 +73,14 @@ def cmc(space: str, size: int = 224, num_views: int = 1) -> Recipe:
     return Recipe(space, tuple(plain for _ in range(num_views)), colorspace=space)
 
 
-RECIPES = {"two_crop": two_crop, "lab": lambda size=224: cmc("lab", size),
+def center(size: int = 224, space: str | None = None) -> Recipe:
+    """One deterministic view for evaluation (kNN, linear probe, feature extraction): shorter side
+    resized to `size`, centre crop, no randomness; `space` for CMC encoders."""
+    return Recipe("center" if space is None else f"center_{space}", (ViewSpec(size, random=False),), colorspace=space)
+
+
+RECIPES = {"two_crop": two_crop, "one_crop": one_crop, "center": center, "center_lab": lambda size=224: center(size, "lab"),
+           "center_ydbdr": lambda size=224: center(size, "ydbdr"), "lab": lambda size=224: cmc("lab", size),
            "ydbdr": lambda size=224: cmc("ydbdr", size)}
 
 
@@ -81,6 +94,10 @@ def recipe_by_name(name: str, size: int = 224) -> Recipe:
 
 def augment(image, spec: ViewSpec, device: str, space: str | None):
     """One view of a decoded HWC uint8 image node (a DALI graph built with enable_conditionals)."""
+    if not spec.random:
+        view = fn.resize(image, device=device, resize_shorter=spec.size)
+        view = fn.crop(view, device=device, crop=[spec.size, spec.size])
+        return finish(view, device, space, mirror=0)
     view = fn.random_resized_crop(image, device=device, size=[spec.size, spec.size],
                                   random_area=list(spec.scale), random_aspect_ratio=list(spec.ratio))
     if spec.p_jitter > 0 and fn.random.coin_flip(probability=spec.p_jitter):
@@ -94,7 +111,11 @@ def augment(image, spec: ViewSpec, device: str, space: str | None):
         view = fn.hsv(view, device=device, saturation=0.0)
     if spec.p_blur > 0 and fn.random.coin_flip(probability=spec.p_blur):
         view = fn.gaussian_blur(view, device=device, sigma=fn.random.uniform(range=list(spec.sigma)))
-    mirror = fn.random.coin_flip() if spec.flip else 0
+    return finish(view, device, space, mirror=fn.random.coin_flip() if spec.flip else 0)
+
+
+def finish(view, device: str, space: str | None, mirror):
+    """Flip, convert (CMC colour spaces) and normalise to float CHW."""
     if space is None:
         return fn.crop_mirror_normalize(view, device=device, dtype=types.FLOAT, output_layout="CHW",
                                         mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), mirror=mirror)

@@ -421,3 +421,21 @@ def test_the_bank_handle_works_inside_another_ray_worker(three_shard_bank, ray_c
     feats, finite = ray_cluster.get(trainer_side.remote(three_shard_bank, ids))
     np.testing.assert_array_equal(feats, three_shard_bank.get(ids).numpy())
     assert finite
+
+
+def test_semi_hard_refill_with_one_short_row_and_one_pool_larger_than_k():
+    """A batch where one query's pool is smaller than its share (refilled with replacement) and
+    another's pool exceeds the largest share (found by the demo job: it indexed past k)."""
+    import torch
+    from bank.shard import BankShard
+    shard = BankShard(0, 1, 100, 4, 2, num_threads=1)
+    shard.labels = torch.tensor([0] * 95 + [1] * 5)
+    sims = torch.rand(2, 100)
+    labels = torch.tensor([1, 0])  # query 0: 95 allowed rows; query 1: 5 allowed rows
+    anchor_rows = torch.tensor([96, 0])
+    shares = torch.tensor([20, 20])
+    g = torch.Generator().manual_seed(0)
+    rows, valid = shard._sample_by_similarity(sims, labels, anchor_rows, shares, "semi_hard", 1.0, g)
+    assert bool(valid.all())
+    assert set(rows[1].tolist()) <= set(range(95, 100))  # only cluster-1 rows are allowed
+    assert all(shard.labels[r] == 0 for r in rows[0].tolist())

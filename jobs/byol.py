@@ -1,0 +1,14 @@
+"""BYOL: online/target networks, predictor, target EMA 0.99 → 1.
+
+    ray job submit --working-dir . -- python jobs/byol.py --preset imagenet
+    python jobs/byol.py --preset demo --print-config
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.driver import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(method="byol", default_preset="imagenet", description=__doc__.splitlines()[0]))

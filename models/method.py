@@ -1,0 +1,93 @@
+"""What every method shares, kept small: the bank it asks for, its EMA pairs, and its backbone.
+
+A method is an `nn.Module` with
+    recipe                       the pipeline recipe whose views it expects ("two_crop", "lab", ...)
+    bank_requests()              the memory banks it needs (dim, momentum ω, pseudo-labels or not);
+                                 the driver creates them and hands the clients to `attach_banks`
+    training_step(batch, progress, epoch) -> dict   "loss" (to backpropagate) and per-branch values
+    after_optimizer_step(progress)                   EMA updates of its `momentum_pairs`
+    backbone                     the encoder whose pooled output is the representation (kNN, linear eval)
+    bank_features(batch)         what to write into its banks before the first step (no grad)
+`progress` = step / total steps ∈ [0, 1] (schedules); `epoch` gates warm-ups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.momentum import ema_update
+
+
+@dataclass(frozen=True)
+class BankRequest:
+    dim: int
+    momentum: float  # InterCLR Eq. 2 ω
+    clusters: bool  # needs online k-means pseudo-labels (inter branch)
+
+
+class Method(nn.Module):
+    recipe = "two_crop"
+    num_views = 2
+    momentum_pairs: tuple[tuple[str, str], ...] = ()  # (online attribute, target attribute)
+
+    banks: list | None = None
+
+    def bank_requests(self) -> list[BankRequest]:
+        return []
+
+    def recipe_for(self, size: int):
+        """The pipeline Recipe of this method's views at `size` px."""
+        from pipeline.views import recipe_by_name
+        return recipe_by_name(self.recipe, size)
+
+    def attach_banks(self, banks) -> "Method":
+        """Give the method the `MemoryBank` clients of its `bank_requests()`, in order."""
+        requests = self.bank_requests()
+        banks = list(banks or [])
+        if len(banks) != len(requests):
+            raise ValueError(f"{type(self).__name__} needs {len(requests)} memory bank(s), got {len(banks)}")
+        for bank, request in zip(banks, requests):
+            if bank.dim != request.dim:
+                raise ValueError(f"{type(self).__name__}: bank dim {bank.dim} != embedding dim {request.dim}")
+        self.banks = banks
+        return self
+
+    def bank(self, i: int = 0):
+        if not self.banks:
+            raise ValueError(f"{type(self).__name__} needs its memory bank: create the banks of bank_requests() "
+                             "and call attach_banks()")
+        return self.banks[i]
+
+    def decay(self, progress: float) -> float:
+        return 0.0
+
+    def forward(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
+        """= training_step, so DDP's forward hooks see the step."""
+        return self.training_step(batch, progress, epoch)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, progress: float) -> None:
+        for online, target in self.momentum_pairs:
+            ema_update(getattr(self, online), getattr(self, target), self.decay(progress))
+
+    def views(self, batch: dict) -> list[torch.Tensor]:
+        views = batch["views"]
+        if len(views) < self.num_views:
+            raise ValueError(f"{type(self).__name__} needs {self.num_views} views per sample (recipe "
+                             f"{self.recipe!r}), the batch has {len(views)}")
+        return views
+
+    @torch.no_grad()
+    def bank_features(self, batch: dict) -> list[torch.Tensor]:
+        return []
+
+
+def single_ids(batch: dict) -> torch.Tensor:
+    """Bank methods key the bank by one sample id per row; ImCLR batches carry several."""
+    index = batch["index"]
+    if index.dim() != 1:
+        raise ValueError("memory-bank methods need one sample id per row; ImCLR views (several ids per row) "
+                         "work with SimCLR, MoCo-v2, BYOL, CACR and supervised training")
+    return index

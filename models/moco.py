@@ -1,0 +1,47 @@
+"""MoCo-v2 (Chen et al., 2020b; InterCLR Sect. 5.1.2): query encoder + MLP head, a momentum key
+encoder (m 0.999), a queue of K = 65,536 keys, InfoNCE with τ 0.2 (Eq. 1 with the queue as
+negatives), symmetric over the two views as in mmselfsup's MoCo-v2 configs when `symmetric`."""
+from __future__ import annotations
+
+import torch
+
+from losses import info_nce
+from models.heads import ProjectionHead
+from models.method import Method
+from models.momentum import MoCoQueue, momentum_copy
+
+
+class MoCo(Method):
+    recipe = "two_crop"
+    momentum_pairs = (("backbone", "key_backbone"), ("head", "key_head"))
+
+    def __init__(self, backbone: torch.nn.Module, embed_dim: int = 128, hidden_dim: int = 2048,
+                 temperature: float = 0.2, queue_size: int = 65_536, key_momentum: float = 0.999,
+                 symmetric: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.head = ProjectionHead(backbone.dim, embed_dim, hidden_dim)
+        self.key_backbone, self.key_head = momentum_copy(self.backbone), momentum_copy(self.head)
+        self.queue = MoCoQueue(queue_size, embed_dim)
+        self.temperature, self.key_momentum, self.symmetric = temperature, key_momentum, symmetric
+
+    def decay(self, progress: float) -> float:
+        return self.key_momentum
+
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        return self.key_head(self.key_backbone(x))
+
+    def contrast(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return info_nce(q, k, self.queue.keys.clone(), self.temperature)
+
+    def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
+        x1, x2 = self.views(batch)[:2]
+        q1, k2 = self.head(self.backbone(x1)), self.keys(x2)
+        loss = self.contrast(q1, k2)
+        if self.symmetric:
+            q2, k1 = self.head(self.backbone(x2)), self.keys(x1)
+            loss = (loss + self.contrast(q2, k1)) / 2
+            self.queue.push(k1)
+        self.queue.push(k2)
+        return {"loss": loss, "intra": loss.detach()}

@@ -1,0 +1,41 @@
+"""From a config to a method: the one table that maps the method names a user writes in a config
+to the classes of models/."""
+from __future__ import annotations
+
+from models import BYOL, CACR, CMC, NPID, InterCLR, MoCo, SimCLR, SplitEncoder, Supervised, build_encoder
+from models.method import Method
+from runtime.config import JobConfig
+
+
+def build_backbone(config: JobConfig, in_channels: int = 3):
+    m = config.model
+    return build_encoder(m.encoder, m.width, m.small_images, in_channels)
+
+
+def build_method(config: JobConfig, num_classes: int | None = None) -> Method:
+    m = config.method
+    temperature = {} if m.temperature is None else {"temperature": m.temperature}
+    if m.name == "cmc":
+        backbone = SplitEncoder(lambda c: build_backbone(config, c), (1, 2))
+        return CMC(backbone, num_negatives=m.num_negatives, paradigm=m.paradigm, colorspace=m.colorspace,
+                   **temperature)
+    backbone = build_backbone(config)
+    if m.name == "interclr":
+        return InterCLR(backbone, base=m.base, num_negatives=m.num_negatives, strategy=m.strategy,
+                        weight=m.weight, inter_margin=m.inter_margin, warmup_epochs=m.warmup_epochs,
+                        queue_size=m.queue_size, key_momentum=m.key_momentum, **temperature)
+    if m.name == "npid":
+        return NPID(backbone, num_negatives=m.num_negatives, **temperature)
+    if m.name == "moco":
+        return MoCo(backbone, queue_size=m.queue_size, key_momentum=m.key_momentum, **temperature)
+    if m.name == "simclr":
+        return SimCLR(backbone, **temperature)
+    if m.name == "byol":
+        return BYOL(backbone)
+    if m.name == "cacr":
+        return CACR(backbone, num_positives=m.positives, queue_size=m.queue_size or None, key_momentum=m.key_momentum)
+    if m.name == "supervised":
+        if num_classes is None:
+            raise ValueError("supervised training needs the number of classes (from the manifest)")
+        return Supervised(backbone, num_classes)
+    raise ValueError(f"unknown method {m.name!r}")

@@ -1,0 +1,182 @@
+"""The Ray driver every job runs: config → banks (driver-owned actors) → loader actors → a Ray
+Train `TorchTrainer` → evaluation (kNN trained vs random init, pictures) → summary.json.
+
+    python jobs/interclr_imagenet.py --preset demo           # starts a local Ray if none is given
+    ray job submit --working-dir . -- python jobs/interclr_imagenet.py --preset imagenet
+
+Submitting the same `--name` again resumes the run from its last checkpoint (Ray Train restores
+from RunConfig(storage_path, name)); a killed Train worker restarts from it (FailureConfig); a killed
+bank shard restores from the bank snapshot the checkpoint wrote.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime.config import ConfigError, JobConfig, parse_args, print_config
+
+
+def check_inputs(config: JobConfig) -> tuple[int, np.ndarray, list[str]]:
+    """Fail before any Ray resource exists: the shards and manifest of both splits must be there."""
+    from pipeline.loader import LoaderError, shard_list
+    from pipeline.manifest import Manifest, ManifestError
+    root = Path(config.data.root)
+    try:
+        _, _, count = shard_list(root, config.data.train_split)
+        shard_list(root, config.data.val_split)
+        manifest = Manifest(root, config.data.train_split)
+        labels, classes = manifest.labels(), manifest.classes
+        manifest.close()
+    except (LoaderError, ManifestError) as exc:
+        raise ConfigError(f"{exc}") from None
+    return count, labels, classes
+
+
+def run(config: JobConfig, address: str | None = None) -> dict:
+    import ray
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from bank import MemoryBank
+    from pipeline.actors import create_loader_actors
+    from runtime.build import build_method
+    from runtime.train import train_loop_per_worker
+
+    started = time.perf_counter()
+    num_samples, labels, classes = check_inputs(config)
+    print_config(config)
+    config.data.root = str(Path(config.data.root).resolve())
+    storage = Path(config.storage).resolve()
+    run_dir = storage / config.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    probe = build_method(config, len(classes))
+
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    banks, loaders = [], []
+    try:
+        for i, request in enumerate(probe.bank_requests()):
+            banks.append(MemoryBank.create(
+                num_samples, request.dim, num_shards=config.bank.shards,
+                num_clusters=config.bank.clusters if request.clusters else 1, momentum=request.momentum,
+                seed=config.train.seed, dtype=config.bank.dtype, snapshot_root=str(run_dir / f"bank-{i}"),
+                true_labels=labels if request.clusters else None,
+                actor_options={"num_gpus": config.bank.gpus_per_shard, "scheduling_strategy": "SPREAD"}))
+        if config.data.loaders:
+            loaders = [create_loader_actors(config.data.root, probe.recipe_for(config.data.image_size),
+                                            config.data.batch_size, num_loaders=config.data.loaders, rank=r,
+                                            world_size=config.train.num_workers, seed=config.train.seed,
+                                            split=config.data.train_split, device=config.data.device,
+                                            num_threads=config.data.loader_threads,
+                                            actor_options={"num_cpus": config.data.loader_cpus})
+                       for r in range(config.train.num_workers)]
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": config.to_dict(), "banks": banks, "loaders": loaders or None,
+                               "num_samples": num_samples, "num_classes": len(classes), "run_dir": str(run_dir)},
+            scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
+                                         resources_per_worker={"CPU": config.train.cpus_per_worker}),
+            run_config=RunConfig(name=config.name, storage_path=str(storage),
+                                 failure_config=FailureConfig(max_failures=config.train.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+        result = trainer.fit()
+        train_seconds = time.perf_counter() - started
+        summary = evaluate(config, result.checkpoint, run_dir, banks, classes)
+    finally:
+        for group in loaders:
+            for actor in group:
+                ray.kill(actor, no_restart=True)
+        for bank in banks:
+            bank.shutdown()
+    summary.update(wall_seconds=time.perf_counter() - started, train_seconds=train_seconds,
+                   **throughput(run_dir / "metrics.jsonl"))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"summary: {run_dir / 'summary.json'}")
+    print(f"img/s {summary.get('img_per_s', float('nan')):.1f} | data-wait {summary.get('data_wait_fraction', 0):.1%} "
+          f"| wall {summary['wall_seconds']:.0f} s")
+    print(f"kNN top-1: trained {summary['knn_top1']:.3f} | random init {summary['knn_top1_random_init']:.3f}")
+    return summary
+
+
+def throughput(metrics_path: Path) -> dict:
+    if not metrics_path.exists():
+        return {}
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rates = [r["img_per_s"] for r in records if "img_per_s" in r]
+    waits = [r["data_wait_fraction"] for r in records if "data_wait_fraction" in r]
+    last = records[-1] if records else {}
+    return {"img_per_s": float(np.median(rates)) if rates else None,
+            "data_wait_fraction": float(np.mean(waits)) if waits else None, "steps": last.get("step")}
+
+
+def evaluate(config: JobConfig, checkpoint, run_dir: Path, banks, classes) -> dict:
+    """kNN top-1 of the trained backbone and of the same architecture at random init, on the val
+    split; pictures; bank stats."""
+    import torch
+
+    from pipeline.manifest import Manifest
+    from runtime import evaluate as ev
+    from runtime.build import build_method
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(config.train.seed)
+    random_init = build_method(config, len(classes))
+    trained = build_method(config, len(classes))
+    with checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / "model.pt", map_location="cpu", weights_only=False)
+    trained.load_state_dict(state["model"])
+    space = config.method.colorspace if config.method.name == "cmc" else None
+    d, e = config.data, config.eval
+    results = {"step": state["step"]}
+    features = {}
+    for name, method in (("trained", trained), ("random_init", random_init)):
+        train_f, train_y, train_ids = ev.extract_features(method.backbone, d.root, d.train_split, d.image_size, space,
+                                                          limit=e.knn_train_samples)
+        val_f, val_y, val_ids = ev.extract_features(method.backbone, d.root, d.val_split, d.image_size, space)
+        key = "knn_top1" if name == "trained" else "knn_top1_random_init"
+        results[key] = ev.knn_top1(train_f, train_y, val_f, val_y, e.knn_k, e.knn_temperature)
+        features[name] = (train_f, train_ids, val_f, val_y, val_ids)
+        print(f"kNN ({name}): {results[key]:.4f} on {len(val_y)} val images, {len(train_y)} train", flush=True)
+    results["feature_std"] = float(features["trained"][2].std(axis=0).mean())
+    for i, bank in enumerate(banks):
+        stats = bank.stats()
+        results.update({f"bank{i}_{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+    if e.pictures:
+        train_f, train_ids, val_f, val_y, val_ids = features["trained"]
+        train_manifest, val_manifest = Manifest(d.root, d.train_split), Manifest(d.root, d.val_split)
+        pictures = {"retrieval.png": lambda p: ev.retrieval_grid(p, train_f, train_ids, val_f, val_ids,
+                                                                 train_manifest, val_manifest),
+                    "tsne.png": lambda p: ev.tsne_plot(p, val_f, val_y, classes),
+                    "loss_curves.png": lambda p: ev.loss_curves(p, run_dir / "metrics.jsonl")}
+        clustered = [b for b, r in zip(banks, trained.bank_requests()) if r.clusters]
+        if clustered:
+            ids = train_ids[:1]
+            pictures["negatives.png"] = lambda p: ev.negatives_figure(p, clustered[0], trained,
+                                                                      clustered[0].get(ids), ids, train_manifest)
+        for filename, draw in pictures.items():
+            try:
+                draw(run_dir / filename)
+            except Exception as exc:  # a picture must never cost the run its summary
+                print(f"warning: {filename} not written: {str(exc).splitlines()[0]}", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None, method: str = "interclr", default_preset: str = "imagenet",
+         description: str = "") -> int:
+    try:
+        config, args = parse_args(argv, method, default_preset, description)
+        if args.print_config:
+            print_config(config)
+            return 0
+        run(config, args.address)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,270 @@
+"""The Ray Train worker loop shared by every job: `train_loop_per_worker(loop_config)`.
+
+loop_config (built by runtime.driver): "config" (JobConfig as a dict), "banks" (MemoryBank clients,
+driver-owned), "loaders" (per global rank, the handles of its loader actors; None = DALI in the
+worker), "num_samples", "num_classes", "run_dir". Each worker:
+  1. builds the method, attaches the banks, wraps it in DDP (gloo on CPU, nccl on GPU);
+  2. resumes from `ray.train.get_checkpoint()` (model, optimizer, step; rank 0 restores the banks
+     from the snapshot the checkpoint names), or initialises the banks (rank 0 after all ranks wrote);
+  3. trains: SGD, cosine lr, method.after_optimizer_step (EMA) after each step; InterCLR k-means at
+     the end of its warm-up; checkpoints every `checkpoint_every` steps and at every epoch end.
+Rank 0 writes metrics.jsonl + TensorBoard and prints one progress line per interval.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from pipeline.actors import ActorLoader
+from pipeline.loader import build_loader
+from runtime.build import build_method
+from runtime.config import JobConfig
+
+PROGRESS_SECONDS = 10.0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def learning_rate(config: JobConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Linear scaling (lr per 256 images), linear warm-up, then cosine decay to 0."""
+    t = config.train
+    base = t.lr * config.data.batch_size * t.num_workers / 256
+    warmup = t.lr_warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+
+class Batches:
+    """This worker's batches of one epoch, from its loader actors or an in-process DALI loader,
+    cut to `steps` so every rank runs the same number of DDP steps; counts the time spent waiting."""
+
+    def __init__(self, config: JobConfig, recipe, rank: int, world: int, actors):
+        self.wait_seconds = 0.0
+        d = config.data
+        if actors:
+            self.actor_loader = ActorLoader(actors, prefetch=d.prefetch)
+        else:
+            self.actor_loader = None
+            self.loader = build_loader(d.root, recipe, d.batch_size, device=d.device, rank=rank, world_size=world,
+                                       seed=config.train.seed, split=d.train_split, num_threads=d.loader_threads)
+
+    def epoch(self, epoch: int, steps: int, skip: int = 0):
+        if self.actor_loader is not None:
+            source = self.actor_loader.epoch(epoch)
+        else:
+            source = iter(self.loader)
+        for step in range(steps):
+            start = time.perf_counter()
+            batch = next(source)
+            self.wait_seconds += time.perf_counter() - start
+            if step >= skip:
+                yield batch
+        if self.actor_loader is None:
+            for _ in source:  # finish the DALI epoch so the next one starts on its boundary
+                pass
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {"views": [v.to(device, non_blocking=True) for v in batch["views"]],
+            "index": batch["index"], "label": batch["label"].to(device)}
+
+
+def initialise_banks(method, banks, batches: Batches, device, steps: int, config: JobConfig, rank: int) -> None:
+    """Fill the banks (one no-grad pass of the initial encoder, or unit noise), then rank 0 runs
+    k-means for the banks that need pseudo-labels (unless a warm-up comes first)."""
+    if not banks:
+        return
+    if config.bank.init == "extract":
+        method.train(False)
+        for batch in batches.epoch(0, steps):
+            with torch.no_grad():
+                features = method.bank_features(to_device(batch, device))
+            for bank, feats in zip(banks, features):
+                bank.set_features(batch["index"], feats)
+        method.train(True)
+    elif rank == 0:
+        generator = torch.Generator().manual_seed(config.train.seed)
+        for bank in banks:
+            for start in range(0, bank.num_samples, 65_536):
+                ids = torch.arange(start, min(bank.num_samples, start + 65_536))
+                bank.set_features(ids, torch.nn.functional.normalize(
+                    torch.randn(len(ids), bank.dim, generator=generator), dim=1))
+    barrier()
+    if rank == 0 and getattr(method, "warmup_epochs", 0) == 0:
+        cluster_banks(method, banks, config)
+    barrier()
+
+
+def cluster_banks(method, banks, config: JobConfig) -> None:
+    for bank, request in zip(banks, method.bank_requests()):
+        if request.clusters:
+            bank.init_clusters(iters=config.bank.kmeans_iters, seed=config.train.seed)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    config = JobConfig.from_dict(loop_config["config"])
+    banks = loop_config["banks"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if config.train.torch_threads:
+        torch.set_num_threads(config.train.torch_threads)
+    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+    device = ray.train.torch.get_device() if config.train.use_gpu else torch.device("cpu")
+    method = build_method(config, loop_config.get("num_classes")).attach_banks(banks).to(device)
+    model = method
+    if world > 1:
+        model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"broadcast_buffers": False})
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=config.train.lr, momentum=config.train.momentum,
+                                weight_decay=config.train.weight_decay)
+    actors = loop_config["loaders"][rank] if loop_config.get("loaders") else None
+    batches = Batches(config, method.recipe_for(config.data.image_size), rank, world, actors)
+    loaders_per_rank = len(actors) if actors else 1
+    per_stream = loop_config["num_samples"] // (world * loaders_per_rank)
+    steps_per_epoch = (per_stream // config.data.batch_size) * loaders_per_rank
+    if steps_per_epoch == 0:
+        raise ValueError(f"{loop_config['num_samples']} samples make no full batch of {config.data.batch_size} "
+                         f"per loader on {world} workers; lower data.batch_size")
+    total_steps = steps_per_epoch * config.train.epochs
+    last_step = min(total_steps, config.train.max_steps or total_steps)
+    run_dir = Path(loop_config["run_dir"])
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / "model.pt", map_location=device, weights_only=False)
+            method.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            step = state["step"]
+            if rank == 0:
+                for bank, path in zip(banks, state["bank_snapshots"]):
+                    bank.restore(path)
+        barrier()
+        if rank == 0:
+            print(f"resumed from step {step} (epoch {step // steps_per_epoch})", flush=True)
+    else:
+        initialise_banks(method, banks, batches, device, steps_per_epoch, config, rank)
+
+    logger = MetricsLogger(run_dir, rank, config) if rank == 0 else None
+    started = time.perf_counter()
+    window = {"start": time.perf_counter(), "images": 0, "wait": batches.wait_seconds + _bank_wait(banks)}
+    while step < last_step:
+        epoch, skip = divmod(step, steps_per_epoch)
+        if epoch == getattr(method, "warmup_epochs", 0) > 0 and skip == 0:
+            if rank == 0:
+                cluster_banks(method, banks, config)  # k-means on the features the warm-up learned
+            barrier()
+        for batch in batches.epoch(epoch, steps_per_epoch, skip):
+            lr = learning_rate(config, step, total_steps, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            out = model(to_device(batch, device), step / total_steps, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+            method.after_optimizer_step(step / total_steps)
+            step += 1
+            window["images"] += len(batch["index"]) * world
+            end_of_epoch = step % steps_per_epoch == 0
+            if logger is not None:
+                logger.step(step, epoch, lr, out, window, batches, banks, last_step, started)
+            if step % config.train.checkpoint_every == 0 or end_of_epoch or step == last_step:
+                report(method, optimizer, step, epoch, banks, run_dir, rank, logger)
+            if step >= last_step:
+                break
+    if logger is not None:
+        logger.close()
+
+
+def _bank_wait(banks) -> float:
+    return sum(b.wait_seconds for b in banks)
+
+
+def report(method, optimizer, step: int, epoch: int, banks, run_dir: Path, rank: int, logger) -> None:
+    """A checkpoint every rank joins: rank 0 snapshots the banks under run_dir/bank and writes the
+    model, optimizer and step with the snapshot paths; the others report metrics only."""
+    metrics = {"step": step, "epoch": epoch}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    snapshots = [bank.save(str(run_dir / f"bank-{i}" / f"step-{step:09d}")) for i, bank in enumerate(banks)]
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save({"model": method.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "bank_snapshots": snapshots}, Path(directory) / "model.pt")
+        (Path(directory) / "meta.json").write_text(json.dumps({"step": step, "epoch": epoch}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    if logger is not None:
+        logger.write({"step": step, "checkpoint": True, **{f"bank{i}_{k}": v for i, b in enumerate(banks)
+                                                            for k, v in _bank_stats(b).items()}})
+
+
+def _bank_stats(bank) -> dict:
+    try:
+        return {k: v for k, v in bank.stats().items() if isinstance(v, (int, float))}
+    except Exception as exc:  # stats are reporting only; never fail a step for them
+        return {"stats_error": str(exc)[:100]}
+
+
+class MetricsLogger:
+    """metrics.jsonl + TensorBoard + one progress line (step, epoch, img/s, loss, ETA) per interval."""
+
+    def __init__(self, run_dir: Path, rank: int, config: JobConfig):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "a")
+        self.config = config
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            self.tensorboard = None
+        self.last_print = time.perf_counter()
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+
+    def step(self, step, epoch, lr, out, window, batches, banks, last_step, started) -> None:
+        now = time.perf_counter()
+        losses = {k: float(v.detach()) for k, v in out.items()}
+        record = {"step": step, "epoch": epoch, "lr": lr, **losses}
+        if step % 10 == 0 or now - self.last_print >= PROGRESS_SECONDS:
+            elapsed = now - window["start"]
+            wait = batches.wait_seconds + _bank_wait(banks)
+            record["img_per_s"] = window["images"] / elapsed
+            record["data_wait_fraction"] = min(1.0, (wait - window["wait"]) / elapsed)
+            record["loader_wait_s"], record["bank_wait_s"] = batches.wait_seconds, _bank_wait(banks)
+            window.update(start=now, images=0, wait=wait)
+        self.write(record)
+        if now - self.last_print >= PROGRESS_SECONDS or step == last_step:
+            self.last_print = now
+            rate = step / max(now - started, 1e-9)
+            eta = time.strftime("%H:%M:%S", time.gmtime((last_step - step) / max(rate, 1e-9)))
+            print(f"step {step}/{last_step} epoch {epoch + 1}/{self.config.train.epochs} "
+                  f"{record.get('img_per_s', float('nan')):.0f} img/s loss {losses['loss']:.4f} "
+                  f"wait {record.get('data_wait_fraction', float('nan')):.0%} ETA {eta}", flush=True)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

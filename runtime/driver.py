@@ -99,8 +99,9 @@ def run(config: JobConfig, address: str | None = None) -> dict:
                    **throughput(run_dir / "metrics.jsonl"))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"summary: {run_dir / 'summary.json'}")
-    print(f"img/s {summary.get('img_per_s', float('nan')):.1f} | data-wait {summary.get('data_wait_fraction', 0):.1%} "
-          f"| wall {summary['wall_seconds']:.0f} s")
+    rate, wait = summary.get("img_per_s"), summary.get("data_wait_fraction")
+    print(f"img/s {rate if rate is not None else float('nan'):.1f} | data-wait "
+          f"{wait if wait is not None else float('nan'):.1%} | wall {summary['wall_seconds']:.0f} s")
     print(f"kNN top-1: trained {summary['knn_top1']:.3f} | random init {summary['knn_top1_random_init']:.3f}")
     return summary
 

@@ -25,5 +25,15 @@ fi
 export RAY_AUTH_MODE=disabled
 "$RAY" start --head --port="$PORT" --dashboard-port="$DASHBOARD" --disable-usage-stats >/dev/null
 trap '"$RAY" stop --force >/dev/null 2>&1 || true' EXIT
-"$RAY" job submit --address "http://127.0.0.1:$DASHBOARD" --working-dir . -- \
-  "$PY" jobs/interclr_imagenet.py --preset demo --shards "$PWD/$DATA" --storage "$PWD/runs" "${ARGS[@]}"
+# The dashboard's job agent comes up a few seconds after `ray start`; retry only that refusal.
+LOG=$(mktemp)
+for attempt in $(seq 1 30); do
+  if "$RAY" job submit --address "http://127.0.0.1:$DASHBOARD" --working-dir . -- \
+      "$PY" jobs/interclr_imagenet.py --preset demo --shards "$PWD/$DATA" --storage "$PWD/runs" "${ARGS[@]}" 2>&1 | tee "$LOG"; then
+    [ "${PIPESTATUS[0]}" = 0 ] && exit 0
+  fi
+  grep -q "No available agent" "$LOG" || exit 1
+  sleep 2
+done
+echo "error: the Ray job agent did not come up" >&2
+exit 1

@@ -56,11 +56,45 @@ def list_source(fmt: str, src: Path, split: str, list_file: Path | None) -> sour
     raise ConversionError(f"unknown format {fmt!r}")
 
 
+IMBALANCE_RULES = ("linear", "exponential")
+
+
+def class_fractions(rule: str, num_classes: int) -> np.ndarray:
+    """Fraction of class c kept (CACR Sect. 5.1, after Kim et al. 2020): linear (c+1)/C,
+    exponential exp(c+1)/exp(C), c = 0..C-1."""
+    c = np.arange(num_classes)
+    if rule == "linear":
+        return (c + 1) / num_classes
+    if rule == "exponential":
+        return np.exp(c + 1 - num_classes)
+    raise ConversionError(f"unknown imbalance rule {rule!r} (choose from {', '.join(IMBALANCE_RULES)})")
+
+
+def keep_imbalanced(order: np.ndarray, labels: np.ndarray, rule: str) -> np.ndarray:
+    """The first round(n_c · fraction_c) items of each class in the (seeded) permutation `order`,
+    at least one per class, order preserved."""
+    num_classes = int(labels.max()) + 1
+    keep_counts = np.maximum(1, np.round(np.bincount(labels, minlength=num_classes)
+                                         * class_fractions(rule, num_classes))).astype(np.int64)
+    ordered_labels = labels[order]
+    rank_in_class = np.zeros(len(order), dtype=np.int64)
+    for c in range(num_classes):
+        members = ordered_labels == c
+        rank_in_class[members] = np.arange(members.sum())
+    return order[rank_in_class < keep_counts[ordered_labels]]
+
+
 def plan_shards(items: list[sources.SourceItem], seed: int, limit: int | None,
-                shard_size: int | None, max_count: int | None) -> list[np.ndarray]:
-    """A seeded global permutation cut into shards; each shard is an array of item indices in
-    plan order. The position of an item in the concatenated plan is its key."""
+                shard_size: int | None, max_count: int | None, imbalance: str | None = None) -> list[np.ndarray]:
+    """A seeded global permutation (optionally thinned per class by an imbalance rule) cut into
+    shards; each shard is an array of item indices in plan order. The position of an item in the
+    concatenated plan is its key."""
     order = np.random.default_rng(seed).permutation(len(items))
+    if imbalance is not None:
+        labels = np.array([item.label for item in items])
+        if (labels < 0).any():
+            raise ConversionError("--imbalance needs labelled images")
+        order = keep_imbalanced(order, labels, imbalance)
     if limit is not None:
         order = order[:limit]
     shards, start, size = [], 0, 0
@@ -138,7 +172,7 @@ def write_shard(out: str, split: str, shard_number: int, first_position: int,
 def convert(fmt: str, src: Path, out: Path, split: str = "train", *, list_file: Path | None = None,
             shard_size: int | None = DEFAULT_SHARD_SIZE, max_count: int | None = None, seed: int = 0,
             workers: int | None = None, limit: int | None = None, resume: bool = False,
-            log=print) -> dict:
+            imbalance: str | None = None, log=print) -> dict:
     """Run a conversion; returns the summary written to `OUT/<split>.json`."""
     listing = list_source(fmt, src, split, list_file)
     if not listing.items:
@@ -150,6 +184,8 @@ def convert(fmt: str, src: Path, out: Path, split: str = "train", *, list_file: 
         "shard_size": shard_size, "max_count": max_count, "items": len(listing.items),
         "fingerprint": fingerprint(listing.items),
     }
+    if imbalance is not None:
+        plan_info["imbalance"] = imbalance
     if plan_path.exists():
         previous = json.loads(plan_path.read_text())
         if not resume:
@@ -165,7 +201,7 @@ def convert(fmt: str, src: Path, out: Path, split: str = "train", *, list_file: 
     state.mkdir(exist_ok=True)
     write_atomic(str(plan_path), json.dumps(plan_info, indent=1).encode())
 
-    shards = plan_shards(listing.items, seed, limit, shard_size, max_count)
+    shards = plan_shards(listing.items, seed, limit, shard_size, max_count, imbalance)
     starts = np.cumsum([0] + [len(s) for s in shards])
     todo = [n for n in range(len(shards)) if not (state / f"{split}-{n:06d}.json").exists()]
     total = int(starts[-1])
@@ -267,6 +303,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
         p.add_argument("--workers", type=_positive, help="parallel shard writers (default: all cores)")
         p.add_argument("--limit", type=_positive, help="convert only the first N images after the shuffle")
+        p.add_argument("--imbalance", choices=IMBALANCE_RULES,
+                       help="keep a fraction of each class c: linear (c+1)/C or exponential exp(c+1)/exp(C) "
+                            "(CACR's label-imbalanced sets), seeded by --seed")
         p.add_argument("--resume", action="store_true", help="finish an interrupted conversion into OUT")
     return parser.parse_args(argv)
 
@@ -295,7 +334,7 @@ def main(argv=None) -> int:
     try:
         convert(args.format, args.src, args.out, args.split, list_file=getattr(args, "list_file", None),
                 shard_size=args.shard_size, max_count=args.max_count, seed=args.seed,
-                workers=args.workers, limit=args.limit, resume=args.resume,
+                workers=args.workers, limit=args.limit, resume=args.resume, imbalance=args.imbalance,
                 log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (ConversionError, sources.LayoutError, manifest_lib.ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)

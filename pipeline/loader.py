@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def
 
+from pipeline.manifest import Manifest
 from pipeline.views import Recipe, recipe_by_name, views_graph
 
 
@@ -52,6 +53,9 @@ class DaliLoader:
         if batch_size <= 0:
             raise LoaderError(f"batch_size must be positive, got {batch_size}")
         paths, indexes, count = shard_list(root, split)
+        if recipe.concat > 1 and batch_size < 2:
+            raise LoaderError("imclr recipes pair samples within a batch: batch_size must be >= 2")
+        self.num_classes = len(Manifest(root, split).classes) if recipe.concat > 1 else None
         self.recipe, self.batch_size, self.drop_last = recipe, batch_size, drop_last
         self.samples = count * (rank + 1) // world_size - count * rank // world_size  # this rank's share
         device_id = None if device == "cpu" else torch.cuda.current_device()
@@ -64,7 +68,13 @@ class DaliLoader:
                 shard_id=rank, num_shards=world_size, random_shuffle=shuffle, initial_fill=initial_fill,
                 pad_last_batch=True, stick_to_shard=True, missing_component_behavior="error",
                 seed=seed * 1_000_003 + rank)
-            return (*views_graph(encoded, recipe, device), label, sample_id)
+            views, labels, ids = views_graph(encoded, recipe, device), [label], [sample_id]
+            for _ in range(recipe.concat - 1):  # ImCLR: a random partner per row, never itself
+                partner = fn.batch_permutation(no_fixed_points=True)
+                views = [fn.cat(v, fn.permute_batch(v, indices=partner), axis=2) for v in views]
+                labels.append(fn.permute_batch(label, indices=partner))
+                ids.append(fn.permute_batch(sample_id, indices=partner))
+            return (*views, *labels, *ids)
 
         self.pipe = graph()
         self.pipe.build()
@@ -79,13 +89,22 @@ class DaliLoader:
             outputs = self.pipe.run()
             take = min(self.batch_size, remaining)  # the reader pads the last batch; drop the padding
             remaining -= take
-            views = [_to_torch(out)[:take] for out in outputs[:-2]]
-            labels = torch.tensor([int(np.array(outputs[-2][i]).tobytes()) for i in range(take)])
-            index = torch.tensor([int(np.array(outputs[-1][i]).tobytes()) for i in range(take)])
-            yield {"views": views, "index": index, "label": labels}
+            n, k = self.recipe.concat, self.recipe.num_views
+            views = [_to_torch(out)[:take] for out in outputs[:k]]
+            labels = torch.tensor([[_number(outputs[k + j][i]) for j in range(n)] for i in range(take)])
+            index = torch.tensor([[_number(outputs[k + n + j][i]) for j in range(n)] for i in range(take)])
+            if n == 1:
+                yield {"views": views, "index": index[:, 0], "label": labels[:, 0]}
+            else:  # ImCLR soft labels: the mean of the n one-hot labels
+                soft = torch.nn.functional.one_hot(labels, self.num_classes).float().mean(dim=1)
+                yield {"views": views, "index": index, "label": soft}
         # consume the padding of a dropped partial batch so the next epoch starts on a boundary
         if self.drop_last and remaining:
             self.pipe.run()
+
+
+def _number(sample) -> int:
+    return int(np.array(sample).tobytes())  # .cls / .id members are ASCII decimal
 
 
 def _to_torch(tensor_list) -> torch.Tensor:

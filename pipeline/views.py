@@ -10,7 +10,7 @@ every op after it. Nothing else differs between the two graphs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nvidia.dali import fn, types
 
@@ -40,28 +40,36 @@ class Recipe:
     name: str
     views: tuple[ViewSpec, ...]
     colorspace: str | None = None  # "lab" / "ydbdr": CMC views, normalised with CMC's constants
+    concat: int = 1  # ImCLR: this many samples side by side per input (label = mean of one-hots)
 
     @property
     def num_views(self) -> int:
         return len(self.views)
 
 
+def small_image_blur(size: int) -> float:
+    """Blur probability: 0.5 (MoCo-v2 / SimCLR on ImageNet), but 0 for views of ≤ 64 px, where a
+    σ up to 2 px erases the image (SimCLR's CIFAR-10 recipe drops the blur for the same reason)."""
+    return 0.5 if size > 64 else 0.0
+
+
 def two_crop(size: int = 224) -> Recipe:
     """MoCo-v2 / SimCLR: two views, RandomResizedCrop(scale 0.2–1), jitter p=0.8, gray p=0.2,
-    blur σ∈[0.1, 2] p=0.5, flip."""
-    return Recipe("two_crop", (ViewSpec(size), ViewSpec(size)))
+    blur σ∈[0.1, 2] p=0.5 (none at ≤ 64 px), flip."""
+    spec = ViewSpec(size, p_blur=small_image_blur(size))
+    return Recipe("two_crop", (spec, spec))
 
 
 def one_crop(size: int = 224) -> Recipe:
     """One MoCo-v2 view (NPIDv2, supervised training)."""
-    return Recipe("one_crop", (ViewSpec(size),))
+    return Recipe("one_crop", (ViewSpec(size, p_blur=small_image_blur(size)),))
 
 
 def k_views(k: int, size: int = 224) -> Recipe:
     """K independent views of the same decoded image (CACR K=4)."""
     if k < 1:
         raise ValueError(f"k_views needs k >= 1, got {k}")
-    return Recipe(f"k_views({k})", tuple(ViewSpec(size) for _ in range(k)))
+    return Recipe(f"k_views({k})", tuple(ViewSpec(size, p_blur=small_image_blur(size)) for _ in range(k)))
 
 
 def cmc(space: str, size: int = 224, num_views: int = 1) -> Recipe:
@@ -71,6 +79,30 @@ def cmc(space: str, size: int = 224, num_views: int = 1) -> Recipe:
         raise ValueError(f"unknown colour space {space!r} (choose from {', '.join(colorspace.SPACES)})")
     plain = ViewSpec(size, scale=(0.08, 1.0), p_jitter=0.0, p_gray=0.0, p_blur=0.0)
     return Recipe(space, tuple(plain for _ in range(num_views)), colorspace=space)
+
+
+def multi_crop(global_n: int = 2, global_size: int = 224, local_n: int = 6, local_size: int = 96,
+               global_scale: tuple[float, float] = (0.14, 1.0),
+               local_scale: tuple[float, float] = (0.05, 0.14)) -> Recipe:
+    """Multi-crop (SwAV's defaults): `global_n` large views then `local_n` small ones, grouped by
+    resolution, large first; each with the MoCo-v2 colour pipeline."""
+    if global_n < 1 or local_n < 0:
+        raise ValueError(f"multi_crop needs global_n >= 1 and local_n >= 0, got {global_n}, {local_n}")
+    views = tuple(ViewSpec(global_size, scale=global_scale, p_blur=small_image_blur(global_size))
+                  for _ in range(global_n))
+    views += tuple(ViewSpec(local_size, scale=local_scale, p_blur=small_image_blur(local_size))
+                   for _ in range(local_n))
+    return Recipe("multi_crop", views)
+
+
+def imclr(n: int = 2, base: Recipe | None = None) -> Recipe:
+    """ImCLR (000_*.txt): each input is `n` samples, each augmented by `base` (default two_crop),
+    concatenated along the width (3×H×nW); the label is the mean of their one-hot labels. View v
+    of a row concatenates view v of each of its samples."""
+    if n < 2:
+        raise ValueError(f"imclr needs n >= 2 samples per input, got {n}")
+    base = base or two_crop()
+    return replace(base, name=f"imclr({n})", concat=n)
 
 
 def center(size: int = 224, space: str | None = None) -> Recipe:
@@ -85,10 +117,17 @@ RECIPES = {"two_crop": two_crop, "one_crop": one_crop, "center": center, "center
 
 
 def recipe_by_name(name: str, size: int = 224) -> Recipe:
+    """A recipe from its config name: two_crop, one_crop, center, lab, ydbdr, multi_crop (global
+    views at `size`, locals at 96/224 of it), k_views(K), imclr / imclr(N) (on two_crop)."""
     if name.startswith("k_views(") and name.endswith(")"):
         return k_views(int(name[len("k_views("):-1]), size)
+    if name == "multi_crop":
+        return multi_crop(global_size=size, local_size=max(8, round(size * 96 / 224)))
+    if name == "imclr" or (name.startswith("imclr(") and name.endswith(")")):
+        return imclr(int(name[len("imclr("):-1]) if name != "imclr" else 2, two_crop(size))
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r} (choose from {', '.join(RECIPES)}, k_views(K))")
+        raise ValueError(f"unknown recipe {name!r} (choose from {', '.join(RECIPES)}, multi_crop, k_views(K), "
+                         "imclr(N))")
     return RECIPES[name](size)
 
 

@@ -300,3 +300,14 @@ def test_missing_source_or_unknown_layout_is_a_one_line_error(tmp_path, fmt, lay
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+@pytest.mark.parametrize("rule", ["linear", "exponential"])
+def test_imbalanced_conversion_keeps_each_class_by_its_rule(tmp_path, rule):
+    from pipeline.convert import class_fractions
+    datasets.make_imagenet(tmp_path / "src", per_class=10)  # 5 classes × 10 photos
+    convert("imagenet", tmp_path / "src", tmp_path / "out", "train", imbalance=rule, workers=1, log=lambda m: None)
+    counts = np.bincount(Manifest(tmp_path / "out").labels(), minlength=5)
+    expected = np.maximum(1, np.round(10 * class_fractions(rule, 5))).astype(int)
+    assert counts.tolist() == expected.tolist()
+    assert rule != "linear" or counts.tolist() == [2, 4, 6, 8, 10]

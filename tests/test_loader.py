@@ -105,3 +105,42 @@ def test_bad_arguments(shards):
         build_loader(shards, "three_crop", 4)
     with pytest.raises(LoaderError, match="rank 2 outside a world of 2"):
         build_loader(shards, "two_crop", 4, rank=2, world_size=2)
+
+
+def test_different_ranks_get_different_augmentation_streams(shards):
+    """Ranks read different samples, so compare what decides the stream: the DALI pipeline seed
+    (seed·P + rank; that a different seed gives other augmentations is the test above)."""
+    seeds = [build_loader(shards, small(), 4, rank=r, world_size=2, seed=3).pipe.seed for r in (0, 1)]
+    same = build_loader(shards, small(), 4, rank=0, world_size=2, seed=3).pipe.seed
+    assert seeds[0] != seeds[1] and seeds[0] == same
+
+
+def test_multi_crop_views_are_grouped_by_resolution_large_first(shards):
+    from pipeline.views import multi_crop
+    recipe = multi_crop(global_n=2, global_size=64, local_n=3, local_size=32)
+    views = next(iter(build_loader(shards, recipe, 4)))["views"]
+    assert [tuple(v.shape) for v in views] == [(4, 3, 64, 64)] * 2 + [(4, 3, 32, 32)] * 3
+    assert not torch.equal(views[2], views[3])
+
+
+def test_imclr_rows_are_two_named_samples_side_by_side_with_mean_labels(shards):
+    from pipeline.views import imclr
+    deterministic = Recipe("center", (ViewSpec(SMALL, random=False),))
+    reference = {}
+    for batch in build_loader(shards, deterministic, 8, shuffle=False):
+        for i, sample_id in enumerate(batch["index"].tolist()):
+            reference[sample_id] = batch["views"][0][i]
+    labels = Manifest(shards).labels()
+    batch = next(iter(build_loader(shards, imclr(2, deterministic), 8, seed=1)))
+    (view,) = batch["views"]
+    assert view.shape == (8, 3, SMALL, 2 * SMALL)
+    assert batch["index"].shape == (8, 2) and batch["label"].shape == (8, len(Manifest(shards).classes))
+    torch.testing.assert_close(batch["label"].sum(dim=1), torch.ones(8))
+    for row, (first, second) in enumerate(batch["index"].tolist()):
+        assert first != second
+        torch.testing.assert_close(view[row, :, :, :SMALL], reference[first])
+        torch.testing.assert_close(view[row, :, :, SMALL:], reference[second])
+        expected = torch.zeros(batch["label"].shape[1])
+        expected[labels[first]] += 0.5
+        expected[labels[second]] += 0.5
+        torch.testing.assert_close(batch["label"][row], expected)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +34,16 @@ def shards(tmp_path_factory):
     convert("fashion-mnist", datasets.FASHION_MNIST_DIR, out, "train", limit=3000, workers=2, log=lambda m: None)
     convert("fashion-mnist", datasets.FASHION_MNIST_DIR, out, "val", limit=1000, workers=2, log=lambda m: None)
     return out
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
 
 
 def env() -> dict:
@@ -66,20 +78,28 @@ def test_demo_job_via_ray_job_submit_trains_and_evaluates(shards, tmp_path):
     """The short CI variant of `make demo`. It checks the job end to end (submit, train, bank
     clustering, kNN for both encoders) but not trained > random init: at this budget the trained
     encoder does not yet beat random-init features on Fashion-MNIST (see the jobs issue notes)."""
-    subprocess.run([str(RAY), "start", "--head", "--port=6391", "--dashboard-port=8267", "--num-cpus=2",
-                    "--disable-usage-stats"], env=env(), check=True, capture_output=True, timeout=120)
+    # its own ports throughout: the in-process cluster of other tests may still hold Ray's defaults
+    # (a second dashboard agent on 52365 fails, and `ray job submit` then finds no agent)
+    ports = free_ports(7)
+    temp_dir = tempfile.mkdtemp(prefix="vbray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    subprocess.run([str(RAY), "start", "--head", f"--port={ports[0]}", f"--dashboard-port={ports[1]}",
+                    f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
+                    f"--runtime-env-agent-port={ports[4]}", f"--metrics-export-port={ports[5]}",
+                    f"--ray-client-server-port={ports[6]}", f"--temp-dir={temp_dir}", "--num-cpus=2",
+                    "--disable-usage-stats"],
+                   env=env(), check=True, capture_output=True, timeout=120)
     try:
         for _ in range(30):  # the dashboard's job agent comes up a few seconds after `ray start`
             result = subprocess.run(
-                [str(RAY), "job", "submit", "--address", "http://127.0.0.1:8267", "--working-dir", str(ROOT), "--",
+                [str(RAY), "job", "submit", f"--address=http://127.0.0.1:{ports[1]}", "--working-dir", str(ROOT), "--",
                  sys.executable, "jobs/interclr_imagenet.py", *SMALL, "--shards", str(shards),
                  "--storage", str(tmp_path), "--name", "submitted", "--epochs", "3"],
                 env=env(), capture_output=True, text=True, timeout=600)
             if "No available agent" not in result.stdout + result.stderr:
                 break
             time.sleep(2)
-    finally:
-        subprocess.run([str(RAY), "stop", "--force"], env=env(), capture_output=True, timeout=120)
+    finally:  # `ray stop` would also stop the in-process cluster other tests share: stop only this head
+        subprocess.run(["pkill", "-9", "-f", temp_dir], capture_output=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     summary = json.loads((tmp_path / "submitted" / "summary.json").read_text())
     assert 0.1 < summary["knn_top1"] <= 1 and 0.1 < summary["knn_top1_random_init"] <= 1, summary
@@ -129,3 +149,35 @@ def test_a_killed_train_worker_resumes_from_the_last_checkpoint(shards, tmp_path
     assert "resumed from step" in output
     steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
     assert steps[-1] == 40 and set(range(1, 41)) <= set(steps)
+
+
+def test_the_job_runs_on_a_three_node_cluster(shards, tmp_path):
+    """Nothing assumes one machine: a `ray.cluster_utils.Cluster` of three nodes with one CPU each,
+    two Train workers (DDP over gloo) that must land on different nodes, a loader actor each, and
+    bank shards spread over the nodes."""
+    script = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+import ray
+from ray.cluster_utils import Cluster
+from runtime.config import parse_args
+from runtime.driver import run
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+for _ in range(2):
+    cluster.add_node(num_cpus=1)
+config, _ = parse_args({SMALL + ["--shards", str(shards), "--storage", str(tmp_path), "--name", "nodes",
+                                  "--workers", "2", "--max-steps", "6", "--set", "train.cpus_per_worker=1",
+                                  "--set", "data.loader_cpus=0.25", "--set", "train.torch_threads=1",
+                                  "--set", "method.warmup_epochs=0"]!r})
+summary = run(config, address=cluster.address)
+print("NODES", len(ray.nodes()))
+ray.shutdown()
+cluster.shutdown()
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "NODES 3" in result.stdout
+    summary = json.loads((tmp_path / "nodes" / "summary.json").read_text())
+    assert summary["step"] == 6
+    assert "world_size=2" in result.stdout + result.stderr

@@ -1,8 +1,9 @@
-"""Augmentation throughput: viewbank's DALI CPU graph (`two_crop`) against a torchvision + PIL
-DataLoader doing the same MoCo-v2 augmentation, same number of workers/threads, same cores, same
-images. Prints JSON.
+"""Augmentation throughput: viewbank's DALI CPU graph against a torchvision + PIL DataLoader doing
+the same augmentation (built from the same Recipe), same number of workers/threads, same cores,
+same images. Prints JSON.
 
-    python benchmarks/pipeline.py [--images 512] [--workers 2]
+    python benchmarks/pipeline.py [--images 512] [--workers 2] [--recipe two_crop|multi_crop]
+    python benchmarks/pipeline.py --fashion-mnist   # 28×28 PNG shards, two_crop(28) (no blur)
     python benchmarks/pipeline.py --actors     # + batches/s to one trainer from 1 and 2 loader actors
 
 Images: real photos (skimage.data) cut and resized to 500×375 JPEGs, in the ImageNet folder layout
@@ -46,26 +47,42 @@ def make_photos(root: Path, count: int) -> None:
         (folder / f"{n}.JPEG").write_bytes(buffer.getvalue())
 
 
-def torchvision_loader(root: Path, batch_size: int, workers: int):
-    from torchvision import datasets as tv_datasets
+def torchvision_transform(spec):
+    """The torchvision + PIL equivalent of one DALI ViewSpec."""
     from torchvision import transforms as T
-    moco_v2 = T.Compose([
-        T.RandomResizedCrop(224, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-    ])
+    b, c, sat, h = spec.jitter
+    steps = [T.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio),
+             T.RandomApply([T.ColorJitter(b, c, sat, h)], p=spec.p_jitter), T.RandomGrayscale(p=spec.p_gray)]
+    if spec.p_blur > 0:
+        steps.append(T.RandomApply([T.GaussianBlur(23, sigma=spec.sigma)], p=spec.p_blur))
+    if spec.flip:
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose([*steps, T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
 
-    class TwoCrop:
+
+def torchvision_loader(root: Path, recipe, batch_size: int, workers: int):
+    from torchvision import datasets as tv_datasets
+    transforms = [torchvision_transform(spec) for spec in recipe.views]
+
+    class Views:
         def __call__(self, image):
-            return [moco_v2(image), moco_v2(image)]
+            image = image.convert("RGB")
+            return [t(image) for t in transforms]
 
-    dataset = tv_datasets.ImageFolder(str(root / "train"), transform=TwoCrop())
+    dataset = tv_datasets.ImageFolder(str(root / "train"), transform=Views())
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                        persistent_workers=workers > 0)
+
+
+def write_fashion_mnist(root: Path, count: int) -> None:
+    """The first `count` Fashion-MNIST training images as PNG class folders (for torchvision)."""
+    from pipeline.sources import read_idx
+    images = read_idx(str(datasets.FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz"))[:count]
+    labels = read_idx(str(datasets.FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz"))[:count]
+    for n, (image, label) in enumerate(zip(images, labels)):
+        folder = root / "train" / f"class{int(label)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{n}.png")
 
 
 def images_per_second(loader, epochs: int) -> float:
@@ -119,19 +136,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--actors", action="store_true", help="also measure loader actors")
+    parser.add_argument("--recipe", default="two_crop", choices=["two_crop", "multi_crop"])
+    parser.add_argument("--fashion-mnist", action="store_true", help="28×28 Fashion-MNIST instead of photos")
     args = parser.parse_args()
+    from pipeline.views import recipe_by_name
     torch.set_num_threads(1)
+    size = 28 if args.fashion_mnist else 224
+    recipe = recipe_by_name(args.recipe, size)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_photos(tmp / "src", args.images)
-        convert("imagenet", tmp / "src", tmp / "shards", "train", max_count=256, workers=1, log=lambda m: None)
-        dali = build_loader(tmp / "shards", "two_crop", args.batch, num_threads=args.workers)
+        if args.fashion_mnist:
+            write_fashion_mnist(tmp / "src", args.images)
+            convert("fashion-mnist", datasets.FASHION_MNIST_DIR, tmp / "shards", "train", limit=args.images,
+                    max_count=4096, workers=1, log=lambda m: None)
+        else:
+            make_photos(tmp / "src", args.images)
+            convert("imagenet", tmp / "src", tmp / "shards", "train", max_count=256, workers=1, log=lambda m: None)
+        dali = build_loader(tmp / "shards", recipe, args.batch, num_threads=args.workers)
         ours = images_per_second(dali, args.epochs)
-        reference = images_per_second(torchvision_loader(tmp / "src", args.batch, args.workers), args.epochs)
+        reference = images_per_second(torchvision_loader(tmp / "src", recipe, args.batch, args.workers), args.epochs)
         actors = actor_throughput(tmp / "shards", args.batch, args.epochs) if args.actors else {}
     print(json.dumps({
-        "benchmark": "pipeline_two_crop_500x375_jpeg", "images": args.images, "cores": os.cpu_count(),
-        "workers_or_threads": args.workers, "views": 2, "view_size": 224,
+        "benchmark": f"pipeline_{args.recipe}_" + ("fashion_mnist_28px_png" if args.fashion_mnist else "500x375_jpeg"),
+        "images": args.images, "cores": os.cpu_count(), "workers_or_threads": args.workers,
+        "views": recipe.num_views, "view_sizes": [spec.size for spec in recipe.views],
         "dali_cpu_img_per_s": round(ours, 1), "torchvision_pil_img_per_s": round(reference, 1),
         "ratio_dali_over_torchvision": round(ours / reference, 2),
         "dali_img_per_s_per_core": round(ours / (os.cpu_count() or 1), 1),

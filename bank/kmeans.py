@@ -7,12 +7,18 @@ import torch
 ASSIGN_CHUNK = 4096
 
 
-def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """InterCLR Eq. 3: argmin_c ‖v - c‖² for each row, computed as argmax_c (v·c - ‖c‖²/2) in
-    chunks into one reused buffer (never an N×C matrix; fresh per-chunk allocations cost as much
-    as the product itself). Returns (labels int64 [N], squared distances float64 [N])."""
+def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor,
+                     metric: str = "euclidean") -> tuple[torch.Tensor, torch.Tensor]:
+    """metric "euclidean" (k-means, InterCLR Eq. 3 as written): argmin_c ‖v - c‖², computed as
+    argmax_c (v·c - ‖c‖²/2); "dot": argmax_c v·c (the online relabel, see BankShard.update).
+    In chunks into one reused buffer (never an N×C matrix; fresh per-chunk allocations cost as
+    much as the product itself). Returns (labels int64 [N], squared distances float64 [N])."""
+    if metric not in ("euclidean", "dot"):
+        raise ValueError(f"metric must be 'euclidean' or 'dot', got {metric!r}")
     centroids = centroids.to(device=feats.device, dtype=torch.float32)
     half_sq_norms = 0.5 * centroids.pow(2).sum(dim=1)
+    if metric == "dot":
+        half_sq_norms.zero_()
     centroids_t = centroids.T.contiguous()
     labels = torch.empty(feats.shape[0], dtype=torch.int64, device=feats.device)
     distances = torch.empty(feats.shape[0], dtype=torch.float64, device=feats.device)
@@ -24,7 +30,7 @@ def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor) -> tuple[torc
         score.sub_(half_sq_norms)
         best, label = score.max(dim=1)
         labels[start:start + len(chunk)] = label
-        sq = chunk.pow(2).sum(dim=1) - 2 * best  # ‖v‖² - 2(v·c - ‖c‖²/2) = ‖v - c‖²
+        sq = chunk.pow(2).sum(dim=1) - 2 * best  # ‖v‖² - 2(v·c - ‖c‖²/2) = ‖v - c‖² (euclidean)
         distances[start:start + len(chunk)] = sq.clamp_min(0).to(torch.float64)
     return labels, distances
 

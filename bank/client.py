@@ -7,7 +7,7 @@
     pos, neg = bank.inter(q, ids, 16384, "semi_hard", 0.1)   # InterCLR branch
     loss = interclr_loss(info_nce_from_logits(pos, neg, 0.1),
                          info_nce_from_logits(pos2, neg2, 0.1, margin=-0.5))
-    bank.update(ids, feats)                       # Eq. 2 + Eq. 3 + running-mean centroids
+    bank.update(ids, feats)                       # Eq. 2, relabel (argmax v·c), running-mean centroids
 
 `pos` [B] is the cosine of each (normalised) query with its positive; `neg` [B, 1] folds all K
 negatives into one value whose gradient is exact (bank.autograd). Ids are global sample ids
@@ -227,8 +227,9 @@ class MemoryBank:
         self._call([(s, "set_features", (ids[pos], feats[pos]), {}) for s, pos in enumerate(owners) if len(pos)])
 
     def update(self, ids, feats) -> None:
-        """Eq. 2 momentum update and re-normalisation, Eq. 3 relabel of each updated row, and the
-        running means of the centroids updated with every member change."""
+        """Eq. 2 momentum update and re-normalisation, relabel of each updated row to its most
+        similar centroid (Sect. 4.1), and the running means of the centroids updated with every
+        member change."""
         ids = self._ids(ids, allow_duplicates=False)
         feats = self._feats(feats, len(ids))
         owners = self._owners(ids)

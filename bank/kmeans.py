@@ -16,9 +16,7 @@ def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor,
     if metric not in ("euclidean", "dot"):
         raise ValueError(f"metric must be 'euclidean' or 'dot', got {metric!r}")
     centroids = centroids.to(device=feats.device, dtype=torch.float32)
-    half_sq_norms = 0.5 * centroids.pow(2).sum(dim=1)
-    if metric == "dot":
-        half_sq_norms.zero_()
+    half_sq_norms = 0.5 * centroids.pow(2).sum(dim=1) if metric == "euclidean" else centroids.new_zeros(len(centroids))
     centroids_t = centroids.T.contiguous()
     labels = torch.empty(feats.shape[0], dtype=torch.int64, device=feats.device)
     distances = torch.empty(feats.shape[0], dtype=torch.float64, device=feats.device)

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     method = build_method(config, num_classes=1000)
     method.load_state_dict(state["model"], strict=False)
-    space = config.method.colorspace if config.method.name == "cmc" else None
+    space = method.recipe_for(config.data.image_size).colorspace  # CMC encoders see Lab / YDbDr
     d = config.data
     train_x, train_y, _ = extract_features(method.backbone, d.root, d.train_split, d.image_size, space)
     val_x, val_y, _ = extract_features(method.backbone, d.root, d.val_split, d.image_size, space)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from losses import byol_loss, info_nce, info_nce_from_logits, interclr_loss
+from losses import byol_loss, info_nce_from_logits, interclr_loss
 from models.byol import BYOL
 from models.method import BankRequest, Method, single_ids
 from models.moco import MoCo
@@ -86,7 +86,7 @@ class InterCLR(Method):
         inter_on = self.inter_active(epoch)
         inter = None
         if self.base_name == "npid":
-            q = self.base.head(self.base.backbone(views[0]))
+            q = self.base.embed(views[0])
             answer = self.bank().query(q, ids, intra_negatives=self.num_negatives,
                                      inter_negatives=self.num_negatives if inter_on else None,
                                      strategy=self.strategy, temperature=self.temperature,
@@ -96,9 +96,8 @@ class InterCLR(Method):
                 inter = self.margin_nce(answer.inter_pos, answer.inter_neg)
             bank_update = q.detach()
         elif self.base_name == "moco":
-            q = self.base.head(self.base.backbone(views[0]))
-            k = self.base.keys(views[1])
-            intra = info_nce(q, k, self.base.queue.keys.clone(), self.temperature, self.intra_margin)
+            q, k = self.base.query(views[0]), self.base.keys(views[1])
+            intra = self.base.contrast(q, k, self.intra_margin)
             if inter_on:
                 inter = self.margin_nce(*self.bank().inter(q, ids, self.num_negatives, self.strategy,
                                                          self.temperature, self.pool_fraction))
@@ -121,7 +120,7 @@ class InterCLR(Method):
     def bank_features(self, batch: dict) -> list[torch.Tensor]:
         x = self.views(batch)[0]
         if self.base_name == "npid":
-            return [self.base.head(self.base.backbone(x))]
+            return [self.base.embed(x)]
         if self.base_name == "moco":
             return [self.base.keys(x)]
         return [self.base.target(x)]

@@ -28,19 +28,23 @@ class MoCo(Method):
     def decay(self, progress: float) -> float:
         return self.key_momentum
 
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         return self.key_head(self.key_backbone(x))
 
-    def contrast(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return info_nce(q, k, self.queue.keys.clone(), self.temperature)
+    def contrast(self, q: torch.Tensor, k: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+        """InfoNCE of q against its key and the queue (a copy: the queue is updated in place later)."""
+        return info_nce(q, k, self.queue.keys.clone(), self.temperature, margin)
 
     def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
         x1, x2 = self.views(batch)[:2]
-        q1, k2 = self.head(self.backbone(x1)), self.keys(x2)
+        q1, k2 = self.query(x1), self.keys(x2)
         loss = self.contrast(q1, k2)
         if self.symmetric:
-            q2, k1 = self.head(self.backbone(x2)), self.keys(x1)
+            q2, k1 = self.query(x2), self.keys(x1)
             loss = (loss + self.contrast(q2, k1)) / 2
             self.queue.push(k1)
         self.queue.push(k2)

@@ -28,12 +28,16 @@ class NPID(Method):
 
     def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
         ids = single_ids(batch)
-        q = self.head(self.backbone(self.views(batch)[0]))
+        q = self.embed(self.views(batch)[0])
         pos, neg = self.bank().intra(q, ids, self.num_negatives, self.temperature)
         loss = info_nce_from_logits(pos, neg, self.temperature)
         self.bank().update(ids, q.detach())
         return {"loss": loss, "intra": loss.detach()}
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The 128-D unit embedding the bank stores and the loss contrasts."""
+        return self.head(self.backbone(x))
+
     @torch.no_grad()
     def bank_features(self, batch: dict) -> list[torch.Tensor]:
-        return [self.head(self.backbone(self.views(batch)[0]))]
+        return [self.embed(self.views(batch)[0])]

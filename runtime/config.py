@@ -103,23 +103,19 @@ class JobConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "JobConfig":
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in d.items():
-            if isinstance(value, dict):
-                section_cls = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "bank": BankConfig,
-                               "train": TrainConfig, "eval": EvalConfig}[key]
-                kwargs[key] = section_cls(**value)
-            elif key in sections:
-                kwargs[key] = value
-        return cls(**kwargs)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: SECTIONS[key](**value) if key in SECTIONS else value
+                      for key, value in d.items() if key in fields})
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "bank": BankConfig,
+            "train": TrainConfig, "eval": EvalConfig}
 
 
 PRESETS = {
     # InterCLR Sect. 5.1.2: ResNet-50, batch 256 over 4 GPUs, 200 epochs, 10k clusters
     "imagenet": {"name": "interclr-imagenet", "data.root": "shards/imagenet", "data.batch_size": 64,
-                 "data.device": "gpu", "train.num_workers": 4, "train.use_gpu": True, "bank.shards": 4,
-                 "bank.gpus_per_shard": 0.0},
+                 "data.device": "gpu", "train.num_workers": 4, "train.use_gpu": True, "bank.shards": 4},
     # 14.2M images: 1/10 of the epochs (CACR App. C.2); more clusters, fp16 bank on 8 shards
     "imagenet22k": {"name": "interclr-imagenet22k", "data.root": "shards/imagenet22k", "data.batch_size": 64,
                     "data.device": "gpu", "train.num_workers": 8, "train.use_gpu": True, "train.epochs": 20,
@@ -162,9 +158,9 @@ def apply_overrides(config: JobConfig, overrides: dict) -> JobConfig:
         target, key = config, dotted
         if "." in dotted:
             section, key = dotted.split(".", 1)
-            if not hasattr(config, section) or not dataclasses.is_dataclass(getattr(config, section)):
+            if section not in SECTIONS:
                 raise ConfigError(f"unknown config section {section!r} in {dotted!r} "
-                                  f"(sections: data, model, method, bank, train, eval)")
+                                  f"(sections: {', '.join(SECTIONS)})")
             target = getattr(config, section)
         if not hasattr(target, key) or dataclasses.is_dataclass(getattr(target, key)):
             raise ConfigError(f"unknown config key {dotted!r}")
@@ -173,8 +169,9 @@ def apply_overrides(config: JobConfig, overrides: dict) -> JobConfig:
 
 
 def validate(config: JobConfig) -> JobConfig:
-    from models.encoders import ENCODERS
     from bank.shard import STRATEGIES
+    from models.encoders import ENCODERS
+    from models.interclr import BASES
     checks = [
         (config.data.batch_size > 0, f"data.batch_size must be positive, got {config.data.batch_size}"),
         (config.data.loaders >= 0, f"data.loaders must be >= 0, got {config.data.loaders}"),
@@ -182,7 +179,8 @@ def validate(config: JobConfig) -> JobConfig:
         (config.model.encoder in (*ENCODERS, "alexnet"), f"unknown model.encoder {config.model.encoder!r}"),
         (config.method.name in METHOD_NAMES,
          f"unknown method {config.method.name!r} (choose from {', '.join(METHOD_NAMES)})"),
-        (config.method.base in ("npid", "moco", "byol"), f"--base must be npid, moco or byol, got {config.method.base!r}"),
+        (config.method.base in BASES,
+         f"--base must be {', '.join(BASES[:-1])} or {BASES[-1]}, got {config.method.base!r}"),
         (config.method.strategy in STRATEGIES, f"unknown method.strategy {config.method.strategy!r}"),
         (config.bank.init in ("extract", "random"), f"bank.init must be extract or random, got {config.bank.init!r}"),
         (config.train.epochs > 0, f"train.epochs must be positive, got {config.train.epochs}"),

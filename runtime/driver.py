@@ -125,6 +125,7 @@ def evaluate(config: JobConfig, checkpoint, run_dir: Path, banks, classes) -> di
     from pipeline.manifest import Manifest
     from runtime import evaluate as ev
     from runtime.build import build_method
+    from runtime.train import bank_metrics
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(config.train.seed)
@@ -133,7 +134,7 @@ def evaluate(config: JobConfig, checkpoint, run_dir: Path, banks, classes) -> di
     with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / "model.pt", map_location="cpu", weights_only=False)
     trained.load_state_dict(state["model"])
-    space = config.method.colorspace if config.method.name == "cmc" else None
+    space = trained.recipe_for(config.data.image_size).colorspace  # CMC encoders see Lab / YDbDr
     d, e = config.data, config.eval
     results = {"step": state["step"]}
     features = {}
@@ -146,9 +147,7 @@ def evaluate(config: JobConfig, checkpoint, run_dir: Path, banks, classes) -> di
         features[name] = (train_f, train_ids, val_f, val_y, val_ids)
         print(f"kNN ({name}): {results[key]:.4f} on {len(val_y)} val images, {len(train_y)} train", flush=True)
     results["feature_std"] = float(features["trained"][2].std(axis=0).mean())
-    for i, bank in enumerate(banks):
-        stats = bank.stats()
-        results.update({f"bank{i}_{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+    results.update(bank_metrics(banks))
     if e.pictures:
         train_f, train_ids, val_f, val_y, val_ids = features["trained"]
         train_manifest, val_manifest = Manifest(d.root, d.train_split), Manifest(d.root, d.val_split)

@@ -66,10 +66,16 @@ def read_image(manifest: Manifest, sample_id: int) -> np.ndarray:
     raise ValueError(f"sample {sample_id} has no image member in {location.shard}")
 
 
-def _grid(path: Path, rows: list[list[int]], manifest: Manifest, titles: list[str], col_titles=None) -> None:
+def _pyplot():
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _grid(path: Path, rows: list[list[np.ndarray]], row_titles: list[str], col_titles: list[str] | None = None) -> None:
+    """Rows of images, the first of each row titled; `col_titles` label the first row's others."""
+    plt = _pyplot()
     cols = max(len(r) for r in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols, 1.4 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
@@ -77,9 +83,9 @@ def _grid(path: Path, rows: list[list[int]], manifest: Manifest, titles: list[st
             ax = axes[r][c]
             ax.axis("off")
             if c < len(row):
-                ax.imshow(read_image(manifest, row[c]), cmap="gray")
+                ax.imshow(row[c], cmap="gray")
                 if c == 0:
-                    ax.set_title(titles[r], fontsize=7, loc="left")
+                    ax.set_title(row_titles[r], fontsize=7, loc="left")
                 elif col_titles and r == 0:
                     ax.set_title(col_titles[c], fontsize=7)
     fig.tight_layout()
@@ -91,29 +97,16 @@ def retrieval_grid(path: Path, train_feats, train_ids, val_feats, val_ids, train
                    val_manifest: Manifest, queries: int = 8, neighbours: int = 8) -> None:
     """InterCLR Fig. 12: each val query (first column) and its nearest train images by cosine. The
     query images come from the val shards, so both manifests are used."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    sims = val_feats[:queries] @ train_feats.T
-    nearest = np.argsort(-sims, axis=1)[:, :neighbours]
-    fig, axes = plt.subplots(queries, neighbours + 1, figsize=(1.2 * (neighbours + 1), 1.25 * queries), squeeze=False)
-    for r in range(queries):
-        images = [read_image(val_manifest, val_ids[r])] + [read_image(train_manifest, train_ids[j]) for j in nearest[r]]
-        for c, image in enumerate(images):
-            axes[r][c].imshow(image)
-            axes[r][c].axis("off")
-        axes[r][0].set_title("query", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    nearest = np.argsort(-(val_feats[:queries] @ train_feats.T), axis=1)[:, :neighbours]
+    rows = [[read_image(val_manifest, val_ids[r])] + [read_image(train_manifest, train_ids[j]) for j in nearest[r]]
+            for r in range(len(nearest))]
+    _grid(path, rows, ["query"] * len(rows))
 
 
 def tsne_plot(path: Path, feats: np.ndarray, labels: np.ndarray, classes: list[str], points: int = 2000,
               seed: int = 0) -> None:
     """InterCLR Fig. 10: t-SNE of the embeddings coloured by true class."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from sklearn.manifold import TSNE
     n = min(points, len(feats))
     xy = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, n - 1)).fit_transform(feats[:n])
@@ -129,9 +122,7 @@ def tsne_plot(path: Path, feats: np.ndarray, labels: np.ndarray, classes: list[s
 
 
 def loss_curves(path: Path, metrics_path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     records = [r for r in records if "loss" in r]
     if not records:
@@ -151,9 +142,9 @@ def negatives_figure(path: Path, bank, method, feats_of_queries: torch.Tensor, q
                      manifest: Manifest, per_strategy: int = 6, seed: int = 0) -> None:
     """InterCLR Fig. 11: for one anchor, the cluster positive and the negatives each strategy samples."""
     strategies = ["hard", "semi_hard", "random", "semi_easy"]
-    rows, titles = [], []
+    rows = []
     for strategy in strategies:
         positive, negatives = bank.sample_inter(feats_of_queries[:1], query_ids[:1], per_strategy, strategy, seed=seed)
-        rows.append([int(query_ids[0]), int(positive[0]), *[int(i) for i in negatives[0][:per_strategy]]])
-        titles.append(strategy)
-    _grid(path, rows, manifest, titles, col_titles=["anchor", "positive"] + ["negative"] * per_strategy)
+        ids = [int(query_ids[0]), int(positive[0]), *[int(i) for i in negatives[0][:per_strategy]]]
+        rows.append([read_image(manifest, i) for i in ids])
+    _grid(path, rows, strategies, col_titles=["anchor", "positive"] + ["negative"] * per_strategy)

@@ -210,15 +210,16 @@ def report(method, optimizer, step: int, epoch: int, banks, run_dir: Path, rank:
         (Path(directory) / "meta.json").write_text(json.dumps({"step": step, "epoch": epoch}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
     if logger is not None:
-        logger.write({"step": step, "checkpoint": True, **{f"bank{i}_{k}": v for i, b in enumerate(banks)
-                                                            for k, v in _bank_stats(b).items()}})
+        try:
+            logger.write({"step": step, "checkpoint": True, **bank_metrics(banks)})
+        except Exception as exc:  # stats are reporting only; never fail a step for them
+            logger.write({"step": step, "checkpoint": True, "stats_error": str(exc)[:100]})
 
 
-def _bank_stats(bank) -> dict:
-    try:
-        return {k: v for k, v in bank.stats().items() if isinstance(v, (int, float))}
-    except Exception as exc:  # stats are reporting only; never fail a step for them
-        return {"stats_error": str(exc)[:100]}
+def bank_metrics(banks) -> dict:
+    """The numeric `stats()` of every bank as flat metrics: bank<i>_<name>."""
+    return {f"bank{i}_{key}": value for i, bank in enumerate(banks)
+            for key, value in bank.stats().items() if isinstance(value, (int, float))}
 
 
 class MetricsLogger:

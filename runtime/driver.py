@@ -46,7 +46,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
     from bank import MemoryBank
     from pipeline.actors import create_loader_actors
     from runtime.build import build_method
-    from runtime.train import train_loop_per_worker
+    from runtime.train import CHECKPOINTS_KEPT, train_loop_per_worker
 
     started = time.perf_counter()
     num_samples, labels, classes = check_inputs(config)
@@ -85,7 +85,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
                                          resources_per_worker={"CPU": config.train.cpus_per_worker}),
             run_config=RunConfig(name=config.name, storage_path=str(storage),
                                  failure_config=FailureConfig(max_failures=config.train.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                                 checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)))
         result = trainer.fit()
         train_seconds = time.perf_counter() - started
         summary = evaluate(config, result.checkpoint, run_dir, banks, classes)

@@ -111,7 +111,7 @@ def test_demo_job_via_ray_job_submit_trains_and_evaluates(shards, tmp_path):
 
 def test_resubmitting_a_run_name_resumes_model_step_and_bank(shards, tmp_path):
     common = [*SMALL, "--shards", str(shards), "--storage", str(tmp_path), "--name", "resumed",
-              "--set", "train.checkpoint_every=4", "--set", "method.warmup_epochs=0"]
+              "--set", "train.checkpoint_every=2", "--set", "method.warmup_epochs=0"]
     first = run_job(*common, "--max-steps", "8")
     assert first.returncode == 0, first.stderr[-3000:]
     second = run_job(*common, "--max-steps", "12")
@@ -122,6 +122,8 @@ def test_resubmitting_a_run_name_resumes_model_step_and_bank(shards, tmp_path):
     summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
     assert summary["step"] == 12
     assert summary["bank0_step"] == 12  # the bank's update count continued from the snapshot
+    snapshots = sorted(p.name for p in (tmp_path / "resumed" / "bank-0").glob("step-*"))
+    assert snapshots == ["step-000000008", "step-000000010", "step-000000012"]  # 2, 4, 6 pruned
 
 
 def test_a_killed_train_worker_resumes_from_the_last_checkpoint(shards, tmp_path):

@@ -33,11 +33,11 @@ class LoaderActor:
         self.args = dict(root=root, recipe=recipe, batch_size=batch_size, rank=shard_index,
                          world_size=num_shards, split=split, device=device, num_threads=num_threads)
         self.seed = seed
-        self._batches = None
+        self._batches, self._loader = None, None
 
     def start_epoch(self, epoch: int, skip: int = 0) -> int:
         """Build this epoch's pipeline, drop the first `skip` batches; return the epoch length."""
-        loader = build_loader(seed=self.seed * 7_919 + epoch, **self.args)
+        loader = self._loader = build_loader(seed=self.seed * 7_919 + epoch, **self.args)
         self._batches = iter(loader)
         for _ in range(skip):
             next(self._batches)
@@ -54,6 +54,10 @@ class LoaderActor:
 
     def ping(self) -> bool:
         return True
+
+    def skipped(self) -> dict[int, str]:
+        """Undecodable samples this actor's loader left out ({id: reason}; see pipeline.loader)."""
+        return dict(self._loader.skipped) if self._loader is not None else {}
 
 
 def create_loader_actors(root, recipe, batch_size: int, num_loaders: int = 1, rank: int = 0,
@@ -118,6 +122,10 @@ class ActorLoader:
                 yield {"views": [torch.from_numpy(np.array(v)) for v in batch["views"]],
                        "index": torch.from_numpy(np.array(batch["index"])),
                        "label": torch.from_numpy(np.array(batch["label"]))}
+
+    def skipped(self) -> dict[int, str]:
+        """Undecodable samples the loader actors left out, {id: reason}."""
+        return {k: v for found in ray.get([a.skipped.remote() for a in self.actors]) for k, v in found.items()}
 
     def _restart(self, i: int, epoch: int, delivered: int) -> None:
         deadline = time.monotonic() + self.restart_timeout

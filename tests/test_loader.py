@@ -144,3 +144,48 @@ def test_imclr_rows_are_two_named_samples_side_by_side_with_mean_labels(shards):
         expected[labels[first]] += 0.5
         expected[labels[second]] += 0.5
         torch.testing.assert_close(batch["label"][row], expected)
+
+
+def corrupt_one_sample(shards, tmp_path) -> tuple[object, int]:
+    """A copy of the shards with one JPEG's entropy-coded data overwritten in place (offsets and
+    index files stay valid, as when a disk or a hand-written shard goes bad); returns (root, id)."""
+    import shutil
+    import tarfile
+    copy = tmp_path / "corrupt"
+    shutil.copytree(shards, copy)
+    shard = sorted(copy.glob("train-*.tar"))[1]
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+        image = [m for m in members if m.name.endswith(".jpg")][3]
+        key = image.name.rsplit(".", 1)[0]
+        bad_id = int(tar.extractfile(next(m for m in members if m.name == f"{key}.id")).read())
+    with open(shard, "r+b") as f:
+        f.seek(image.offset_data + image.size // 3)
+        f.write(b"\x00garbage" * (image.size // 24))
+    return copy, bad_id
+
+
+def test_undecodable_sample_is_skipped_and_counted_and_the_epoch_keeps_its_length(shards, tmp_path):
+    root, bad_id = corrupt_one_sample(shards, tmp_path)
+    loader = build_loader(root, small(), batch_size=8)
+    for n in (1, 2):  # the failing epoch and the next (which reads the private index files)
+        batches = epoch(loader)
+        ids = torch.cat([b["index"] for b in batches]).tolist()
+        assert [len(b["index"]) for b in batches] == [8] * 6 + [2]  # the length the trainer planned
+        assert set(ids) == set(range(50)) - {bad_id}  # every other sample, none lost
+        assert len(ids) - len(set(ids)) == 1 and loader.duplicates == n  # the gap is filled once
+        assert list(loader.skipped) == [bad_id] and "decoder rejects it: nvImageCodec" in loader.skipped[bad_id]
+        labels = Manifest(root).labels()
+        assert all(labels[i] == y for b in batches for i, y in zip(b["index"].tolist(), b["label"].tolist()))
+    # two ranks: the rank holding the bad sample skips it; disjoint, union = every decodable sample
+    ranks = [torch.cat([b["index"] for b in build_loader(root, small(), 8, rank=r, world_size=2)]).tolist()
+             for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1])
+    assert set(ranks[0]) | set(ranks[1]) == set(range(50)) - {bad_id}
+    assert len(ranks[0]) == len(ranks[1]) == 25
+    # a later loader of the same range starts without it (no second scan); drop_last keeps boundaries
+    drop = build_loader(root, small(), 8, drop_last=True)
+    assert list(drop.skipped) == [bad_id]
+    for _ in range(2):
+        ids = torch.cat([b["index"] for b in drop]).tolist()
+        assert len(ids) == len(set(ids)) == 48 and bad_id not in ids

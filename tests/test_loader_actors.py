@@ -73,3 +73,18 @@ def test_a_killed_loader_is_restarted_and_nothing_is_lost_or_duplicated(ray_clus
         assert loader.replayed > 0  # the restarted loader recomputed what it had delivered
     finally:
         kill(ray_cluster, actors)
+
+
+def test_loader_actors_skip_an_undecodable_sample_and_report_it(ray_cluster, shards, tmp_path):
+    from tests.test_loader import corrupt_one_sample
+    root, bad_id = corrupt_one_sample(shards, tmp_path)
+    actors = create_loader_actors(root, RECIPE, batch_size=4, num_loaders=2, seed=0,
+                                  actor_options={"num_cpus": 0})
+    try:
+        loader = ActorLoader(actors, prefetch=2)
+        for epoch in range(2):  # the epoch that finds it, and one that starts without it
+            ids = torch.cat([b["index"] for b in loader.epoch(epoch)]).tolist()
+            assert set(ids) == set(range(50)) - {bad_id} and len(ids) == 50  # one row repeated
+        assert list(loader.skipped()) == [bad_id]
+    finally:
+        kill(ray_cluster, actors)

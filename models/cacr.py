@@ -37,6 +37,12 @@ class CACR(Method):
     def decay(self, progress: float) -> float:
         return self.key_momentum
 
+    @torch.no_grad()
+    def prime(self, batch: dict) -> None:
+        """Queue keys of real images before the first step (as MoCo.prime; the last view's keys)."""
+        if self.queue is not None:
+            self.queue.push(self.key_head(self.key_backbone(self.views(batch)[self.num_views - 1])))
+
     def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
         views = self.views(batch)[:self.num_views]
         queries = [self.head(self.backbone(v)) for v in views]

@@ -67,6 +67,14 @@ class InterCLR(Method):
             self.base.banks = self.banks  # the NPID intra branch reads the same bank
         return self
 
+    @property
+    def queue(self):
+        return self.base.queue if self.base_name == "moco" else None
+
+    @torch.no_grad()
+    def prime(self, batch: dict) -> None:
+        self.base.prime(batch)
+
     def decay(self, progress: float) -> float:
         return self.base.decay(progress)
 

@@ -8,6 +8,8 @@ A method is an `nn.Module` with
     after_optimizer_step(progress)                   EMA updates of its `momentum_pairs`
     backbone                     the encoder whose pooled output is the representation (kNN, linear eval)
     bank_features(batch)         what to write into its banks before the first step (no grad)
+    queue, prime(batch)          a MoCo-style key queue (optional attribute), filled with real keys
+                                 by `prime` before the first step
 `progress` = step / total steps ∈ [0, 1] (schedules); `epoch` gates warm-ups.
 """
 from __future__ import annotations
@@ -71,6 +73,10 @@ class Method(nn.Module):
     def after_optimizer_step(self, progress: float) -> None:
         for online, target in self.momentum_pairs:
             ema_update(getattr(self, online), getattr(self, target), self.decay(progress))
+
+    @torch.no_grad()
+    def prime(self, batch: dict) -> None:
+        """Push keys of real images into the queue before the first step (see MoCo.prime)."""
 
     def views(self, batch: dict) -> list[torch.Tensor]:
         views = batch["views"]

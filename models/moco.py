@@ -35,6 +35,15 @@ class MoCo(Method):
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         return self.key_head(self.key_backbone(x))
 
+    @torch.no_grad()
+    def prime(self, batch: dict) -> None:
+        """Queue keys of real images before the first step, instead of starting from random unit
+        vectors: against a random queue (negatives ~orthogonal to everything) a step lowers the loss
+        by aligning every query with its key, and at a short schedule's learning rate (0.15, B 256,
+        Fashion-MNIST) every query collapsed to one direction within 5 steps, the loss pinned at
+        log(K+1) for good. Filled with real keys, the same run keeps its queries apart."""
+        self.queue.push(self.keys(self.views(batch)[1]))
+
     def contrast(self, q: torch.Tensor, k: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
         """InfoNCE of q against its key and the queue (a copy: the queue is updated in place later)."""
         return info_nce(q, k, self.queue.keys.clone(), self.temperature, margin)

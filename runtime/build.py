@@ -2,6 +2,8 @@
 to the classes of models/."""
 from __future__ import annotations
 
+import dataclasses
+
 from models import BYOL, CACR, CMC, NPID, InterCLR, MoCo, SimCLR, SplitEncoder, Supervised, build_encoder
 from models.method import Method
 from runtime.config import JobConfig
@@ -39,3 +41,13 @@ def build_method(config: JobConfig, num_classes: int | None = None) -> Method:
             raise ValueError("supervised training needs the number of classes (from the manifest)")
         return Supervised(backbone, num_classes)
     raise ValueError(f"unknown method {m.name!r}")
+
+
+def training_recipe(method: Method, config: JobConfig):
+    """The method's views at `data.image_size`, with `data.min_crop_scale` applied to every view."""
+    recipe = method.recipe_for(config.data.image_size)
+    low = config.data.min_crop_scale
+    if low is None:
+        return recipe
+    return dataclasses.replace(recipe, views=tuple(dataclasses.replace(v, scale=(low, v.scale[1]))
+                                                   for v in recipe.views))

@@ -45,7 +45,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
 
     from bank import MemoryBank
     from pipeline.actors import create_loader_actors
-    from runtime.build import build_method
+    from runtime.build import build_method, training_recipe
     from runtime.train import CHECKPOINTS_KEPT, train_loop_per_worker
 
     started = time.perf_counter()
@@ -70,7 +70,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
                 true_labels=labels if request.clusters else None,
                 actor_options={"num_gpus": config.bank.gpus_per_shard, "scheduling_strategy": "SPREAD"}))
         if config.data.loaders:
-            loaders = [create_loader_actors(config.data.root, probe.recipe_for(config.data.image_size),
+            loaders = [create_loader_actors(config.data.root, training_recipe(probe, config),
                                             config.data.batch_size, num_loaders=config.data.loaders, rank=r,
                                             world_size=config.train.num_workers, seed=config.train.seed,
                                             split=config.data.train_split, device=config.data.device,

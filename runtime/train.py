@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from pipeline.actors import ActorLoader
 from pipeline.loader import build_loader
-from runtime.build import build_method
+from runtime.build import build_method, training_recipe
 from runtime.config import JobConfig
 
 PROGRESS_SECONDS = 10.0
@@ -63,10 +63,19 @@ class Batches:
             self.actor_loader = ActorLoader(actors, prefetch=d.prefetch)
         else:
             self.actor_loader = None
-            self.loader = build_loader(d.root, recipe, d.batch_size, device=d.device, rank=rank, world_size=world,
-                                       seed=config.train.seed, split=d.train_split, num_threads=d.loader_threads)
+            self.build = lambda: build_loader(d.root, recipe, d.batch_size, device=d.device, rank=rank,
+                                              world_size=world, seed=config.train.seed, split=d.train_split,
+                                              num_threads=d.loader_threads)
+            self.loader = self.build()
 
-    def epoch(self, epoch: int, steps: int, skip: int = 0):
+    def head(self, steps: int):
+        """The first `steps` batches of an epoch, without reading the rest (the in-process loader is
+        rebuilt; loader actors start each epoch afresh anyway)."""
+        yield from self.epoch(0, steps, finish=False)
+        if self.actor_loader is None:
+            self.loader = self.build()
+
+    def epoch(self, epoch: int, steps: int, skip: int = 0, finish: bool = True):
         if self.actor_loader is not None:
             source = self.actor_loader.epoch(epoch)
         else:
@@ -77,7 +86,7 @@ class Batches:
             self.wait_seconds += time.perf_counter() - start
             if step >= skip:
                 yield batch
-        if self.actor_loader is None:
+        if self.actor_loader is None and finish:
             for _ in source:  # finish the DALI epoch so the next one starts on its boundary
                 pass
 
@@ -113,6 +122,18 @@ def initialise_banks(method, banks, batches: Batches, device, steps: int, config
     barrier()
 
 
+def prime_queue(method, batches: Batches, device, config: JobConfig) -> None:
+    """Fill a MoCo-style queue with keys of real images (no grad; every rank, as push gathers)."""
+    queue = getattr(method, "queue", None)
+    if queue is None:
+        return
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    steps = -(-len(queue.keys) // (config.data.batch_size * world))  # push enqueues every rank's keys
+    method.train(True)  # keys as in training (batch statistics)
+    for batch in batches.head(steps):
+        method.prime(to_device(batch, device))
+
+
 def cluster_banks(method, banks, config: JobConfig) -> None:
     for bank, request in zip(banks, method.bank_requests()):
         if request.clusters:
@@ -136,7 +157,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = torch.optim.SGD(params, lr=config.train.lr, momentum=config.train.momentum,
                                 weight_decay=config.train.weight_decay)
     actors = loop_config["loaders"][rank] if loop_config.get("loaders") else None
-    batches = Batches(config, method.recipe_for(config.data.image_size), rank, world, actors)
+    batches = Batches(config, training_recipe(method, config), rank, world, actors)
     loaders_per_rank = len(actors) if actors else 1
     per_stream = loop_config["num_samples"] // (world * loaders_per_rank)
     steps_per_epoch = (per_stream // config.data.batch_size) * loaders_per_rank
@@ -163,6 +184,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             print(f"resumed from step {step} (epoch {step // steps_per_epoch})", flush=True)
     else:
         initialise_banks(method, banks, batches, device, steps_per_epoch, config, rank)
+        prime_queue(method, batches, device, config)
 
     logger = MetricsLogger(run_dir, rank, config) if rank == 0 else None
     started = time.perf_counter()

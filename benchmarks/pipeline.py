@@ -110,11 +110,16 @@ def actor_throughput(shards: Path, batch_size: int, epochs: int) -> dict:
         for batch in in_process:
             batches += 1
     out["in_process_1_thread_batches_per_s"] = round(batches / (time.perf_counter() - start), 2)
-    out["bytes_per_batch"] = sum(v.numel() * 4 for v in batch["views"]) + 16 * len(batch["index"])
+    out["float32_bytes_per_batch"] = sum(v.numel() * 4 for v in batch["views"]) + 16 * len(batch["index"])
     for count in (1, 2):
         actors = create_loader_actors(shards, "two_crop", batch_size, num_loaders=count, num_threads=1)
         loader = ActorLoader(actors, prefetch=2)
         list(loader.epoch(0))  # warm-up: pipelines built, workers started
+        if count == 1:  # what an actor puts into the object store per batch (uint8 RGB views)
+            ray.get(actors[0].start_epoch.remote(0))
+            shipped = ray.get(actors[0].next_batch.remote())
+            out["object_store_bytes_per_batch"] = sum(np.asarray(v).nbytes for k in ("views", "index", "label")
+                                                      for v in (shipped[k] if k == "views" else [shipped[k]]))
         loader.wait_seconds = 0.0
         start, batches = time.perf_counter(), 0
         for epoch in range(1, epochs + 1):

@@ -5,6 +5,9 @@
     for batch in ActorLoader(loaders, prefetch=2).epoch(e):   # same batch dicts as build_loader
         ...
 
+RGB views cross the object store as uint8 (a quarter of float32's bytes) and are normalised on
+the trainer's device (`pipeline.views.normalize`, the graph's own arithmetic); colour-space views
+are float.
 Loader i of trainer r reads DALI shard r·L + i of w·L, so every sample appears once per epoch
 per trainer group, and loaders scale by count (CPU-only nodes can feed GPU trainers). Each actor
 builds its epoch's pipeline from (seed, epoch), so an epoch is a deterministic sequence of batches:
@@ -21,6 +24,11 @@ import ray
 import torch
 
 from pipeline.loader import build_loader
+from pipeline.views import normalize, recipe_by_name
+
+
+def _float_views(views: torch.Tensor) -> torch.Tensor:
+    return normalize(views) if views.dtype == torch.uint8 else views
 
 
 class LoaderRestartedError(RuntimeError):
@@ -30,8 +38,10 @@ class LoaderRestartedError(RuntimeError):
 class LoaderActor:
     def __init__(self, root: str, recipe, batch_size: int, shard_index: int, num_shards: int, seed: int,
                  split: str = "train", device: str = "cpu", num_threads: int = 1):
+        recipe = recipe_by_name(recipe) if isinstance(recipe, str) else recipe
         self.args = dict(root=root, recipe=recipe, batch_size=batch_size, rank=shard_index,
-                         world_size=num_shards, split=split, device=device, num_threads=num_threads)
+                         world_size=num_shards, split=split, device=device, num_threads=num_threads,
+                         raw=recipe.colorspace is None)  # RGB views travel as uint8, normalised by the trainer
         self.seed = seed
         self._batches, self._loader = None, None
 
@@ -75,12 +85,15 @@ def create_loader_actors(root, recipe, batch_size: int, num_loaders: int = 1, ra
 
 class ActorLoader:
     """Trainer-side iterator over loader actors with at most `prefetch` batches in flight per
-    loader (backpressure: a loader computes ahead only that far)."""
+    loader (backpressure: a loader computes ahead only that far). Views are delivered on `device`:
+    uint8 views are moved there first and normalised there (on a GPU trainer, the cheap way)."""
 
-    def __init__(self, actors: list, prefetch: int = 2, restart_timeout: float = 120.0):
+    def __init__(self, actors: list, prefetch: int = 2, restart_timeout: float = 120.0,
+                 device: str | torch.device = "cpu"):
         if prefetch < 1:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.actors, self.prefetch, self.restart_timeout = actors, prefetch, restart_timeout
+        self.device = torch.device(device)  # views arrive there (uint8 moved first, then normalised)
         self.replayed = 0  # batches a restarted loader had to recompute
         self.max_in_flight = 0
         self.wait_seconds = 0.0  # time the trainer spent blocked on the loaders
@@ -119,7 +132,8 @@ class ActorLoader:
                     self.wait_seconds += time.perf_counter() - start
                 delivered[i] += 1
                 refill(i)
-                yield {"views": [torch.from_numpy(np.array(v)) for v in batch["views"]],
+                yield {"views": [_float_views(torch.from_numpy(np.array(v)).to(self.device, non_blocking=True))
+                                 for v in batch["views"]],
                        "index": torch.from_numpy(np.array(batch["index"])),
                        "label": torch.from_numpy(np.array(batch["label"]))}
 

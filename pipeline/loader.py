@@ -53,7 +53,7 @@ def shard_list(root: str | Path, split: str = "train") -> tuple[list[str], list[
 
 
 _UNDECODABLE: dict[tuple, dict[int, str]] = {}  # (root, split, first, last) → {id: reason}, per process
-_DEAD_PIPELINES: list = []
+_DEAD_PIPELINES: list = []  # failed DALI pipelines, never destroyed (see find_undecodable_isolated)
 
 
 def _first_ids(batch: dict) -> torch.Tensor:
@@ -228,7 +228,8 @@ class DaliLoader:
     """Iterable over one epoch per `iter()`; see `build_loader`."""
 
     def __init__(self, root, recipe: Recipe, batch_size: int, device: str, rank: int, world_size: int,
-                 seed: int, split: str, drop_last: bool, shuffle: bool, num_threads: int, initial_fill: int):
+                 seed: int, split: str, drop_last: bool, shuffle: bool, num_threads: int, initial_fill: int,
+                 raw: bool = False):
         if device not in ("cpu", "gpu"):
             raise LoaderError(f"device must be 'cpu' or 'gpu', got {device!r}")
         if not 0 <= rank < world_size:
@@ -239,7 +240,9 @@ class DaliLoader:
         if recipe.concat > 1 and batch_size < 2:
             raise LoaderError("imclr recipes pair samples within a batch: batch_size must be >= 2")
         self.num_classes = len(Manifest(root, split).classes) if recipe.concat > 1 else None
-        self.recipe, self.batch_size, self.drop_last = recipe, batch_size, drop_last
+        if raw and recipe.colorspace is not None:
+            raise LoaderError(f"raw (uint8) views are RGB only; recipe {recipe.name!r} makes {recipe.colorspace} views")
+        self.recipe, self.batch_size, self.drop_last, self.raw = recipe, batch_size, drop_last, raw
         self.device, self.rank, self.world_size, self.seed = device, rank, world_size, seed
         self.shuffle, self.num_threads, self.initial_fill = shuffle, num_threads, initial_fill
         self.first, self.last = count * rank // world_size, count * (rank + 1) // world_size  # DALI's split
@@ -269,7 +272,7 @@ class DaliLoader:
                 shard_id=shard_id, num_shards=num_shards, random_shuffle=self.shuffle,
                 initial_fill=self.initial_fill, pad_last_batch=True, stick_to_shard=True,
                 missing_component_behavior="error", seed=seed)
-            views, labels, ids = views_graph(encoded, recipe, device), [label], [sample_id]
+            views, labels, ids = views_graph(encoded, recipe, device, self.raw), [label], [sample_id]
             for _ in range(recipe.concat - 1):  # ImCLR: a random partner per row, never itself
                 partner = fn.batch_permutation(no_fixed_points=True)
                 views = [fn.cat(v, fn.permute_batch(v, indices=partner), axis=2) for v in views]
@@ -377,15 +380,17 @@ def _to_torch(tensor_list) -> torch.Tensor:
 
 def build_loader(root, recipe: str | Recipe, batch_size: int, device: str = "cpu", rank: int = 0,
                  world_size: int = 1, seed: int = 0, split: str = "train", drop_last: bool = False,
-                 shuffle: bool = True, num_threads: int = 2, initial_fill: int = 1024) -> DaliLoader:
+                 shuffle: bool = True, num_threads: int = 2, initial_fill: int = 1024,
+                 raw: bool = False) -> DaliLoader:
     """A DALI loader over the shards of `root/<split>.json`.
 
     recipe: a `Recipe` or a name ("two_crop", "lab", "ydbdr", "k_views(K)"). device "cpu" decodes
     and augments on the CPU (`device_id=None`); "gpu" decodes with nvJPEG and augments on the
     current CUDA device. rank / world_size are global (every node's trainers together); the seed
     is offset by the global rank. drop_last drops a final partial batch; otherwise it is returned
-    short (no sample repeated)."""
+    short (no sample repeated). raw=True gives uint8 RGB views, flipped but not normalised
+    (`pipeline.views.normalize` finishes them; loader actors ship these)."""
     if isinstance(recipe, str):
         recipe = recipe_by_name(recipe)
     return DaliLoader(root, recipe, batch_size, device, rank, world_size, seed, split, drop_last, shuffle,
-                      num_threads, initial_fill)
+                      num_threads, initial_fill, raw)

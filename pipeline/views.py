@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import torch
 from nvidia.dali import fn, types
 
 from pipeline import colorspace
@@ -131,12 +132,12 @@ def recipe_by_name(name: str, size: int = 224) -> Recipe:
     return RECIPES[name](size)
 
 
-def augment(image, spec: ViewSpec, device: str, space: str | None):
+def augment(image, spec: ViewSpec, device: str, space: str | None, raw: bool = False):
     """One view of a decoded HWC uint8 image node (a DALI graph built with enable_conditionals)."""
     if not spec.random:
         view = fn.resize(image, device=device, resize_shorter=spec.size)
         view = fn.crop(view, device=device, crop=[spec.size, spec.size])
-        return finish(view, device, space, mirror=0)
+        return finish(view, device, space, mirror=0, raw=raw)
     view = fn.random_resized_crop(image, device=device, size=[spec.size, spec.size],
                                   random_area=list(spec.scale), random_aspect_ratio=list(spec.ratio))
     if spec.p_jitter > 0 and fn.random.coin_flip(probability=spec.p_jitter):
@@ -150,11 +151,16 @@ def augment(image, spec: ViewSpec, device: str, space: str | None):
         view = fn.hsv(view, device=device, saturation=0.0)
     if spec.p_blur > 0 and fn.random.coin_flip(probability=spec.p_blur):
         view = fn.gaussian_blur(view, device=device, sigma=fn.random.uniform(range=list(spec.sigma)))
-    return finish(view, device, space, mirror=fn.random.coin_flip() if spec.flip else 0)
+    return finish(view, device, space, mirror=fn.random.coin_flip() if spec.flip else 0, raw=raw)
 
 
-def finish(view, device: str, space: str | None, mirror):
-    """Flip, convert (CMC colour spaces) and normalise to float CHW."""
+def finish(view, device: str, space: str | None, mirror, raw: bool = False):
+    """Flip, convert (CMC colour spaces) and normalise to float CHW; `raw`: flip only, uint8 CHW,
+    for `normalize` on the trainer (a quarter of the bytes through the object store)."""
+    if raw:
+        if space is not None:
+            raise ValueError("raw (uint8) views are RGB only; colour-space views are float")
+        return fn.crop_mirror_normalize(view, device=device, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
     if space is None:
         return fn.crop_mirror_normalize(view, device=device, dtype=types.FLOAT, output_layout="CHW",
                                         mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), mirror=mirror)
@@ -168,6 +174,14 @@ def decode(encoded, device: str):
     return fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
 
 
-def views_graph(encoded, recipe: Recipe, device: str) -> list:
+def views_graph(encoded, recipe: Recipe, device: str, raw: bool = False) -> list:
     image = decode(encoded, device)
-    return [augment(image, spec, device, recipe.colorspace) for spec in recipe.views]
+    return [augment(image, spec, device, recipe.colorspace, raw) for spec in recipe.views]
+
+
+def normalize(views_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW RGB views (`raw`) → the float views the graph would have produced:
+    (x - ImageNet mean) / std per channel, the arithmetic of `crop_mirror_normalize`."""
+    mean = torch.tensor(IMAGENET_MEAN, device=views_uint8.device).view(1, 3, 1, 1)
+    inv_std = 1.0 / torch.tensor(IMAGENET_STD, device=views_uint8.device).view(1, 3, 1, 1)
+    return views_uint8.float().sub_(mean).mul_(inv_std)

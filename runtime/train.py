@@ -56,11 +56,11 @@ class Batches:
     """This worker's batches of one epoch, from its loader actors or an in-process DALI loader,
     cut to `steps` so every rank runs the same number of DDP steps; counts the time spent waiting."""
 
-    def __init__(self, config: JobConfig, recipe, rank: int, world: int, actors):
+    def __init__(self, config: JobConfig, recipe, rank: int, world: int, actors, device="cpu"):
         self.wait_seconds = 0.0
         d = config.data
         if actors:
-            self.actor_loader = ActorLoader(actors, prefetch=d.prefetch)
+            self.actor_loader = ActorLoader(actors, prefetch=d.prefetch, device=device)
         else:
             self.actor_loader = None
             self.build = lambda: build_loader(d.root, recipe, d.batch_size, device=d.device, rank=rank,
@@ -157,7 +157,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = torch.optim.SGD(params, lr=config.train.lr, momentum=config.train.momentum,
                                 weight_decay=config.train.weight_decay)
     actors = loop_config["loaders"][rank] if loop_config.get("loaders") else None
-    batches = Batches(config, training_recipe(method, config), rank, world, actors)
+    batches = Batches(config, training_recipe(method, config), rank, world, actors, device)
     loaders_per_rank = len(actors) if actors else 1
     per_stream = loop_config["num_samples"] // (world * loaders_per_rank)
     steps_per_epoch = (per_stream // config.data.batch_size) * loaders_per_rank

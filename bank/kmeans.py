@@ -16,7 +16,7 @@ def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor,
     if metric not in ("euclidean", "dot"):
         raise ValueError(f"metric must be 'euclidean' or 'dot', got {metric!r}")
     centroids = centroids.to(device=feats.device, dtype=torch.float32)
-    half_sq_norms = 0.5 * centroids.pow(2).sum(dim=1) if metric == "euclidean" else centroids.new_zeros(len(centroids))
+    half_sq_norms = 0.5 * centroids.pow(2).sum(dim=1)
     centroids_t = centroids.T.contiguous()
     labels = torch.empty(feats.shape[0], dtype=torch.int64, device=feats.device)
     distances = torch.empty(feats.shape[0], dtype=torch.float64, device=feats.device)
@@ -25,10 +25,13 @@ def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor,
         chunk = feats[start:start + ASSIGN_CHUNK].to(torch.float32)
         score = buffer[:len(chunk)]
         torch.mm(chunk, centroids_t, out=score)  # [n, C]
-        score.sub_(half_sq_norms)
+        if metric == "euclidean":
+            score.sub_(half_sq_norms)
         best, label = score.max(dim=1)
         labels[start:start + len(chunk)] = label
-        sq = chunk.pow(2).sum(dim=1) - 2 * best  # ‖v‖² - 2(v·c - ‖c‖²/2) = ‖v - c‖² (euclidean)
+        if metric == "dot":  # best = v·c: back to v·c - ‖c‖²/2 for the distance below
+            best = best - half_sq_norms[label]
+        sq = chunk.pow(2).sum(dim=1) - 2 * best  # ‖v‖² - 2(v·c - ‖c‖²/2) = ‖v - c‖²
         distances[start:start + len(chunk)] = sq.clamp_min(0).to(torch.float64)
     return labels, distances
 

@@ -118,8 +118,8 @@ def actor_throughput(shards: Path, batch_size: int, epochs: int) -> dict:
         if count == 1:  # what an actor puts into the object store per batch (uint8 RGB views)
             ray.get(actors[0].start_epoch.remote(0))
             shipped = ray.get(actors[0].next_batch.remote())
-            out["object_store_bytes_per_batch"] = sum(np.asarray(v).nbytes for k in ("views", "index", "label")
-                                                      for v in (shipped[k] if k == "views" else [shipped[k]]))
+            out["object_store_bytes_per_batch"] = (sum(v.nbytes for v in shipped["views"])
+                                                   + shipped["index"].nbytes + shipped["label"].nbytes)
         loader.wait_seconds = 0.0
         start, batches = time.perf_counter(), 0
         for epoch in range(1, epochs + 1):

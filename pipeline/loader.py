@@ -124,7 +124,7 @@ def find_undecodable(paths: list[str], indexes: list[str], first: int, last: int
     """{sample id: reason} for the samples [first, last) of the split that DALI's CPU image decoder
     (the decoder the loader runs) rejects: one decode pass, `chunk` images per run, a failing
     chunk bisected down to its bad samples."""
-    checker = _DecodeCheck(chunk, num_threads)
+    checker = _DecodeCheck(num_threads)
     found: dict[int, str] = {}
     pending: list[tuple[int, bytes]] = []
     for _, _, members, sample_id, tar in _range_entries(paths, indexes, first, last):
@@ -168,8 +168,8 @@ class _DecodeCheck:
     """DALI's CPU decoder over batches of encoded images fed from Python; a failed run kills the
     pipeline, so it is rebuilt and the batch split in halves until the bad images are alone."""
 
-    def __init__(self, batch_size: int, num_threads: int):
-        self.batch_size, self.num_threads, self.pipe, self.feed = batch_size, num_threads, None, []
+    def __init__(self, num_threads: int):
+        self.num_threads, self.pipe, self.feed = num_threads, None, []
 
     def _build(self, batch_size: int):
         from nvidia.dali import types
@@ -353,7 +353,7 @@ class DaliLoader:
                               f"undecodable samples: {_first_line(exc)}") from None
 
     def _skip_undecodable(self, exc: RuntimeError) -> None:
-        """Find every sample of this rank's range that does not decode (the converter's check), leave
+        """Find every sample of this rank's range that DALI's decoder rejects (in a separate process), leave
         them out of this and every later pipeline of the process, and rebuild the pipeline."""
         _DEAD_PIPELINES.append(self.pipe)  # destroying a pipeline that failed can crash DALI: keep it
         found = find_undecodable_isolated(self.paths, self.indexes, self.first, self.last, self.num_threads)

@@ -157,9 +157,7 @@ def augment(image, spec: ViewSpec, device: str, space: str | None, raw: bool = F
 def finish(view, device: str, space: str | None, mirror, raw: bool = False):
     """Flip, convert (CMC colour spaces) and normalise to float CHW; `raw`: flip only, uint8 CHW,
     for `normalize` on the trainer (a quarter of the bytes through the object store)."""
-    if raw:
-        if space is not None:
-            raise ValueError("raw (uint8) views are RGB only; colour-space views are float")
+    if raw:  # RGB only: DaliLoader refuses raw colour-space recipes
         return fn.crop_mirror_normalize(view, device=device, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
     if space is None:
         return fn.crop_mirror_normalize(view, device=device, dtype=types.FLOAT, output_layout="CHW",

@@ -6,8 +6,9 @@
         ...
 
 RGB views cross the object store as uint8 (a quarter of float32's bytes) and are normalised on
-the trainer's device (`pipeline.views.normalize`, the graph's own arithmetic); colour-space views
-are float.
+the trainer's device (`pipeline.views.normalize`, the graph's own arithmetic; the rounding to uint8
+is the only difference from in-process views, at most half a grey level); colour-space views are
+float.
 Loader i of trainer r reads DALI shard r·L + i of w·L, so every sample appears once per epoch
 per trainer group, and loaders scale by count (CPU-only nodes can feed GPU trainers). Each actor
 builds its epoch's pipeline from (seed, epoch), so an epoch is a deterministic sequence of batches:

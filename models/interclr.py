@@ -69,7 +69,7 @@ class InterCLR(Method):
 
     @property
     def queue(self):
-        return self.base.queue if self.base_name == "moco" else None
+        return getattr(self.base, "queue", None)  # MoCo's; NPID and BYOL bases have none
 
     @torch.no_grad()
     def prime(self, batch: dict) -> None:

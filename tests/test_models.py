@@ -12,6 +12,10 @@ import torchvision
 
 from models import (BYOL, CACR, CMC, NPID, InterCLR, MoCo, MoCoQueue, SimCLR, SmallAlexNet, SplitEncoder,
                     Supervised, build_encoder, byol_decay, ema_update, resnet)
+from tests import datasets
+
+needs_fashion_mnist = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.exists(),
+                                         reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 
 def count(module: torch.nn.Module) -> int:
@@ -317,8 +321,7 @@ def test_bank_methods_refuse_imclr_rows_and_missing_banks():
 
 # --- collapse guard on real data -----------------------------------------------------------------------
 
-@pytest.mark.skipif(not __import__("tests.datasets", fromlist=["x"]).FASHION_MNIST_DIR.exists(),
-                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+@needs_fashion_mnist
 def test_byol_and_simclr_embeddings_do_not_collapse_on_fashion_mnist(tmp_path):
     """BYOL has no negatives and is the method that can collapse: after a short run on real
     Fashion-MNIST shards its normalised embeddings must still spread across samples (per-dimension
@@ -326,7 +329,6 @@ def test_byol_and_simclr_embeddings_do_not_collapse_on_fashion_mnist(tmp_path):
     from pipeline.convert import convert
     from pipeline.loader import build_loader
     from pipeline.views import center, two_crop
-    from tests import datasets
     convert("fashion-mnist", datasets.FASHION_MNIST_DIR, tmp_path, "train", limit=1024, workers=1, log=lambda m: None)
     loader = build_loader(tmp_path, two_crop(28), 64, num_threads=1, drop_last=True)
     for method in (BYOL(tiny_backbone(), embed_dim=64, hidden_dim=128), SimCLR(tiny_backbone(), hidden_dim=128)):
@@ -347,8 +349,7 @@ def test_byol_and_simclr_embeddings_do_not_collapse_on_fashion_mnist(tmp_path):
         assert spread > 0.2 / math.sqrt(z.shape[1]), (type(method).__name__, spread)
 
 
-@pytest.mark.skipif(not __import__("tests.datasets", fromlist=["x"]).FASHION_MNIST_DIR.exists(),
-                    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+@needs_fashion_mnist
 def test_moco_keeps_queries_apart_when_its_queue_starts_with_real_keys(tmp_path):
     """MoCo.prime fills the queue with keys of real images before the first step. From the random
     queue of the reference code, the demo's settings (ResNet-18 ×0.5, lr 0.15, m 0.99, real
@@ -356,7 +357,6 @@ def test_moco_keeps_queries_apart_when_its_queue_starts_with_real_keys(tmp_path)
     from pipeline.convert import convert
     from pipeline.loader import build_loader
     from pipeline.views import two_crop
-    from tests import datasets
     convert("fashion-mnist", datasets.FASHION_MNIST_DIR, tmp_path, "train", limit=2048, workers=1, log=lambda m: None)
     loader = build_loader(tmp_path, two_crop(28), 128, num_threads=1, drop_last=True)
     spread = {}

@@ -153,6 +153,8 @@ def actor_throughput(shards: Path, batch_size: int, epochs: int) -> dict:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     out = {}
     in_process = build_loader(shards, "two_crop", batch_size, num_threads=1)
+    for _ in in_process:  # warm-up epoch, as the actors get one
+        pass
     start, batches = time.perf_counter(), 0
     for _ in range(epochs):
         for batch in in_process:

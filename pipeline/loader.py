@@ -229,13 +229,15 @@ class DaliLoader:
 
     def __init__(self, root, recipe: Recipe, batch_size: int, device: str, rank: int, world_size: int,
                  seed: int, split: str, drop_last: bool, shuffle: bool, num_threads: int, initial_fill: int,
-                 raw: bool = False):
+                 raw: bool = False, pad_last: bool = False):
         if device not in ("cpu", "gpu"):
             raise LoaderError(f"device must be 'cpu' or 'gpu', got {device!r}")
         if not 0 <= rank < world_size:
             raise LoaderError(f"rank {rank} outside a world of {world_size}")
         if batch_size <= 0:
             raise LoaderError(f"batch_size must be positive, got {batch_size}")
+        if drop_last and pad_last:
+            raise LoaderError("drop_last and pad_last are exclusive: drop the final partial batch or pad it")
         self.paths, self.indexes, count = shard_list(root, split)
         if recipe.concat > 1 and batch_size < 2:
             raise LoaderError("imclr recipes pair samples within a batch: batch_size must be >= 2")
@@ -243,10 +245,12 @@ class DaliLoader:
         if raw and recipe.colorspace is not None:
             raise LoaderError(f"raw (uint8) views are RGB only; recipe {recipe.name!r} makes {recipe.colorspace} views")
         self.recipe, self.batch_size, self.drop_last, self.raw = recipe, batch_size, drop_last, raw
+        self.pad_last = pad_last
         self.device, self.rank, self.world_size, self.seed = device, rank, world_size, seed
         self.shuffle, self.num_threads, self.initial_fill = shuffle, num_threads, initial_fill
         self.first, self.last = count * rank // world_size, count * (rank + 1) // world_size  # DALI's split
         self.samples = self.last - self.first  # this rank's share; every epoch yields this many rows
+        self.padded = -self.samples % batch_size if pad_last else 0  # rows repeated to fill the last batch
         self._undecodable_key = (str(Path(root).resolve()), split, self.first, self.last)
         self.skipped: dict[int, str] = dict(_UNDECODABLE.get(self._undecodable_key, {}))  # id → reason
         self.duplicates = 0  # rows repeated to keep the epoch length while samples are skipped
@@ -288,6 +292,12 @@ class DaliLoader:
         return full if (self.drop_last or rest == 0) else full + 1
 
     def __iter__(self):
+        """One epoch; with pad_last, a final partial batch is filled by repeating its last row."""
+        for batch in self._epoch():
+            rows = _rows(batch)
+            yield _take(batch, torch.arange(self.batch_size).clamp(max=rows - 1)) if self.pad_last else batch
+
+    def _epoch(self):
         if self.skipped:
             yield from self._rows_to_batches(served=set())
             return
@@ -383,16 +393,17 @@ def _to_torch(tensor_list) -> torch.Tensor:
 def build_loader(root, recipe: str | Recipe, batch_size: int, device: str = "cpu", rank: int = 0,
                  world_size: int = 1, seed: int = 0, split: str = "train", drop_last: bool = False,
                  shuffle: bool = True, num_threads: int = 2, initial_fill: int = 1024,
-                 raw: bool = False) -> DaliLoader:
+                 raw: bool = False, pad_last: bool = False) -> DaliLoader:
     """A DALI loader over the shards of `root/<split>.json`.
 
     recipe: a `Recipe` or a name ("two_crop", "lab", "ydbdr", "k_views(K)"). device "cpu" decodes
     and augments on the CPU (`device_id=None`); "gpu" decodes with nvJPEG and augments on the
     current CUDA device. rank / world_size are global (every node's trainers together); the seed
-    is offset by the global rank. drop_last drops a final partial batch; otherwise it is returned
-    short (no sample repeated). raw=True gives uint8 RGB views, flipped but not normalised
+    is offset by the global rank. drop_last drops a final partial batch; pad_last fills it to
+    batch_size by repeating its last row (`loader.padded` rows per epoch: fixed shapes for compiled
+    models and BatchNorm); otherwise it is returned short (no sample repeated). raw=True gives uint8 RGB views, flipped but not normalised
     (`pipeline.views.normalize` finishes them; loader actors ship these)."""
     if isinstance(recipe, str):
         recipe = recipe_by_name(recipe)
     return DaliLoader(root, recipe, batch_size, device, rank, world_size, seed, split, drop_last, shuffle,
-                      num_threads, initial_fill, raw)
+                      num_threads, initial_fill, raw, pad_last)

@@ -75,6 +75,21 @@ def test_epoch_length_and_drop_last(shards):
         assert len(ids) == 48 and len(set(ids)) == 48
 
 
+def test_pad_last_fills_the_final_batch_with_its_last_row(shards):
+    pad = build_loader(shards, small(), batch_size=16, pad_last=True)
+    assert len(pad) == 4 and pad.padded == 14
+    for _ in range(2):  # every epoch: four full batches, every sample once plus 14 repeats of the last row
+        batches = list(pad)
+        assert [len(b["index"]) for b in batches] == [16] * 4
+        last = batches[-1]
+        assert torch.equal(last["index"][2:], last["index"][1].repeat(14))
+        assert torch.equal(last["views"][0][2:], last["views"][0][1:2].expand(14, -1, -1, -1))
+        ids = torch.cat([b["index"] for b in batches])[:50].tolist()
+        assert sorted(ids) == list(range(50))
+    with pytest.raises(LoaderError, match="exclusive"):
+        build_loader(shards, small(), batch_size=16, pad_last=True, drop_last=True)
+
+
 def test_same_seed_gives_identical_batches_and_another_seed_does_not(shards):
     a, b, c = (epoch(build_loader(shards, small(), 16, seed=s)) for s in (3, 3, 4))
     for x, y in zip(a, b):

@@ -295,7 +295,9 @@ class DaliLoader:
         """One epoch; with pad_last, a final partial batch is filled by repeating its last row."""
         for batch in self._epoch():
             rows = _rows(batch)
-            yield _take(batch, torch.arange(self.batch_size).clamp(max=rows - 1)) if self.pad_last else batch
+            if self.pad_last and rows < self.batch_size:
+                batch = _take(batch, torch.arange(self.batch_size).clamp(max=rows - 1))
+            yield batch
 
     def _epoch(self):
         if self.skipped:
@@ -401,8 +403,9 @@ def build_loader(root, recipe: str | Recipe, batch_size: int, device: str = "cpu
     current CUDA device. rank / world_size are global (every node's trainers together); the seed
     is offset by the global rank. drop_last drops a final partial batch; pad_last fills it to
     batch_size by repeating its last row (`loader.padded` rows per epoch: fixed shapes for compiled
-    models and BatchNorm); otherwise it is returned short (no sample repeated). raw=True gives uint8 RGB views, flipped but not normalised
-    (`pipeline.views.normalize` finishes them; loader actors ship these)."""
+    models and BatchNorm); otherwise it is returned short (no sample repeated). raw=True gives
+    uint8 RGB views, flipped but not normalised (`pipeline.views.normalize` finishes them; loader
+    actors ship these)."""
     if isinstance(recipe, str):
         recipe = recipe_by_name(recipe)
     return DaliLoader(root, recipe, batch_size, device, rank, world_size, seed, split, drop_last, shuffle,

@@ -31,8 +31,8 @@ def as_float_chw(image: np.ndarray) -> torch.Tensor:
 
 @pytest.mark.parametrize("sigma", [0.6, 1.0, 2.0])
 def test_blur_matches_torchvision_gaussian_blur_within_one_level(sigma):
-    """Our window ⌈3σ⌉ against torchvision's GaussianBlur(23, σ) (SimCLR's kernel, 10 % of 224), reflect borders:
-    the taps past 3σ hold < 0.3 % of the weight, so the two differ by rounding only."""
+    """Our window ⌈3σ⌉ against torchvision's GaussianBlur(23, σ) (SimCLR's kernel, 10 % of 224),
+    reflect borders: the taps past 3σ hold < 0.3 % of the weight, so the two differ by rounding only."""
     for photo in datasets.photos()[:3]:
         ours = run_on(photo, lambda x: views.blur(x, "cpu", sigma, max_sigma=2.0)).astype(np.float64)
         reference = (F.gaussian_blur(as_float_chw(photo), 23, sigma) * 255).permute(1, 2, 0).numpy()

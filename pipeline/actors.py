@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.loader import build_loader
+from pipeline.loader import LoaderError, build_loader
 from pipeline.views import normalize, recipe_by_name
 
 
@@ -38,10 +38,12 @@ class LoaderRestartedError(RuntimeError):
 
 class LoaderActor:
     def __init__(self, root: str, recipe, batch_size: int, shard_index: int, num_shards: int, seed: int,
-                 split: str = "train", device: str = "cpu", num_threads: int = 1):
+                 split: str = "train", device: str = "cpu", num_threads: int = 1, drop_last: bool = False,
+                 pad_last: bool = False):
         recipe = recipe_by_name(recipe) if isinstance(recipe, str) else recipe
         self.args = dict(root=root, recipe=recipe, batch_size=batch_size, rank=shard_index,
                          world_size=num_shards, split=split, device=device, num_threads=num_threads,
+                         drop_last=drop_last, pad_last=pad_last,
                          raw=recipe.colorspace is None)  # RGB views travel as uint8, normalised by the trainer
         self.seed = seed
         self._batches, self._loader = None, None
@@ -73,15 +75,19 @@ class LoaderActor:
 
 def create_loader_actors(root, recipe, batch_size: int, num_loaders: int = 1, rank: int = 0,
                          world_size: int = 1, seed: int = 0, split: str = "train", device: str = "cpu",
-                         num_threads: int = 1, actor_options: dict | None = None) -> list:
+                         num_threads: int = 1, drop_last: bool = False, pad_last: bool = False,
+                         actor_options: dict | None = None) -> list:
     """Start `num_loaders` loader actors for trainer `rank` of `world_size` (1 CPU each by default;
-    `actor_options` e.g. {"num_gpus": 1} with device="gpu", or a node-affinity strategy)."""
+    `actor_options` e.g. {"num_gpus": 1} with device="gpu", or a node-affinity strategy).
+    drop_last / pad_last act on each loader's own final partial batch, as in `build_loader`."""
     if num_loaders < 1:
         raise ValueError(f"num_loaders must be >= 1, got {num_loaders}")
+    if drop_last and pad_last:
+        raise LoaderError("drop_last and pad_last are exclusive: drop the final partial batch or pad it")
     options = {"num_cpus": 1, "max_restarts": -1, "max_task_retries": 0, **(actor_options or {})}
     remote = ray.remote(LoaderActor).options(**options)
     return [remote.remote(str(root), recipe, batch_size, rank * num_loaders + i, world_size * num_loaders, seed,
-                          split, device, num_threads) for i in range(num_loaders)]
+                          split, device, num_threads, drop_last, pad_last) for i in range(num_loaders)]
 
 
 class ActorLoader:

@@ -10,6 +10,7 @@ import torch
 
 from pipeline.actors import ActorLoader, create_loader_actors
 from pipeline.convert import convert
+from pipeline.loader import LoaderError
 from pipeline.views import Recipe, ViewSpec, normalize
 from tests import datasets
 
@@ -41,6 +42,22 @@ def test_two_loader_actors_serve_every_sample_once_per_epoch(ray_cluster, shards
         assert loader.max_in_flight <= 2
     finally:
         kill(ray_cluster, actors)
+
+
+def test_drop_last_and_pad_last_act_on_each_loader_actor(ray_cluster, shards):
+    for option, batches_per_loader in (("drop_last", 6), ("pad_last", 7)):  # 25 samples per loader, B=4
+        actors = create_loader_actors(shards, RECIPE, batch_size=4, num_loaders=2, seed=0, **{option: True})
+        try:
+            loader = ActorLoader(actors)
+            batches = list(loader.epoch(0))
+            assert len(batches) == len(loader) == 2 * batches_per_loader
+            assert all(len(b["index"]) == 4 and b["views"][0].shape[0] == 4 for b in batches)
+            ids = torch.cat([b["index"] for b in batches]).tolist()
+            assert len(set(ids)) == (48 if option == "drop_last" else 50)
+        finally:
+            kill(ray_cluster, actors)
+    with pytest.raises(LoaderError, match="exclusive"):
+        create_loader_actors(shards, RECIPE, batch_size=4, drop_last=True, pad_last=True)
 
 
 def test_loaders_of_two_trainers_split_the_epoch(ray_cluster, shards):

@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.loader import LoaderError, build_loader
+from pipeline.loader import build_loader, check_last_batch
 from pipeline.views import normalize, recipe_by_name
 
 
@@ -82,8 +82,7 @@ def create_loader_actors(root, recipe, batch_size: int, num_loaders: int = 1, ra
     drop_last / pad_last act on each loader's own final partial batch, as in `build_loader`."""
     if num_loaders < 1:
         raise ValueError(f"num_loaders must be >= 1, got {num_loaders}")
-    if drop_last and pad_last:
-        raise LoaderError("drop_last and pad_last are exclusive: drop the final partial batch or pad it")
+    check_last_batch(drop_last, pad_last)  # here, not first inside every actor
     options = {"num_cpus": 1, "max_restarts": -1, "max_task_retries": 0, **(actor_options or {})}
     remote = ray.remote(LoaderActor).options(**options)
     return [remote.remote(str(root), recipe, batch_size, rank * num_loaders + i, world_size * num_loaders, seed,

@@ -37,6 +37,12 @@ class LoaderError(Exception):
     """Missing shards or index files, or a bad loader argument."""
 
 
+def check_last_batch(drop_last: bool, pad_last: bool) -> None:
+    """The final partial batch is dropped, padded, or returned short: never both options."""
+    if drop_last and pad_last:
+        raise LoaderError("drop_last and pad_last are exclusive: drop the final partial batch or pad it")
+
+
 def shard_list(root: str | Path, split: str = "train") -> tuple[list[str], list[str], int]:
     """(tar paths, index paths, sample count) of a converted split, checked to exist."""
     root = Path(root)
@@ -236,8 +242,7 @@ class DaliLoader:
             raise LoaderError(f"rank {rank} outside a world of {world_size}")
         if batch_size <= 0:
             raise LoaderError(f"batch_size must be positive, got {batch_size}")
-        if drop_last and pad_last:
-            raise LoaderError("drop_last and pad_last are exclusive: drop the final partial batch or pad it")
+        check_last_batch(drop_last, pad_last)
         self.paths, self.indexes, count = shard_list(root, split)
         if recipe.concat > 1 and batch_size < 2:
             raise LoaderError("imclr recipes pair samples within a batch: batch_size must be >= 2")

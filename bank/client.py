@@ -7,7 +7,8 @@
     pos, neg = bank.inter(q, ids, 16384, "semi_hard", 0.1)   # InterCLR branch
     loss = interclr_loss(info_nce_from_logits(pos, neg, 0.1),
                          info_nce_from_logits(pos2, neg2, 0.1, margin=-0.5))
-    bank.update(ids, feats)                       # Eq. 2, relabel (argmax v·c), running-mean centroids
+    bank.update(ids, feats)                       # Eq. 2, relabel (argmax v·c), running-mean centroids,
+                                                  # then cluster upkeep when some cluster is small
 
 `pos` [B] is the cosine of each (normalised) query with its positive; `neg` [B, 1] folds all K
 negatives into one value whose gradient is exact (bank.autograd). Ids are global sample ids
@@ -34,6 +35,11 @@ from bank.shard import STRATEGIES, BankShard, BankStateError, ShardRestartedErro
 
 log = logging.getLogger("viewbank.bank")
 
+# mmselfsup 0.x InterCLR: memory_bank min_cluster=20 (configs/selfsup/_base_/models/interclr-moco.py),
+# deal_with_small_clusters_interval=1, i.e. every iteration (_base_/datasets/imagenet_interclr-moco.py).
+MIN_CLUSTER = 20
+TWO_MEANS_ITERS = 20  # the reference splits with sklearn KMeans(n_clusters=2, max_iter=20)
+
 
 @dataclass
 class BankAnswer:
@@ -56,9 +62,13 @@ class MemoryBank:
         self.num_shards, self.num_clusters = config["num_shards"], config["num_clusters"]
         self.momentum = config["momentum"]
         self.rows = np.array([len(range(s, self.num_samples, self.num_shards)) for s in range(self.num_shards)])
+        self.min_cluster = config.get("min_cluster", MIN_CLUSTER)
         self._rng = np.random.default_rng(config["seed"])
+        self._upkeep_rng = np.random.default_rng([config["seed"], 1])  # 2-means seeds of online splits
         self.traffic_bytes = 0  # numpy payload sent to and received from the shards
         self.wait_seconds = 0.0  # time the caller spent blocked on the shards
+        self.round_trips = 0  # blocking fan-outs (one ray.get each)
+        self.upkeep = {"dissolved": 0, "refilled": 0, "random_splits": 0, "round_trips": 0}  # this client's
 
     # --- construction ----------------------------------------------------------------------------
 
@@ -66,12 +76,15 @@ class MemoryBank:
     def create(cls, num_samples: int, dim: int, num_shards: int = 1, num_clusters: int = 10_000,
                momentum: float = 0.5, seed: int = 0, dtype: str = "float32", snapshot_root: str | None = None,
                true_labels: np.ndarray | None = None, actor_options: dict | list[dict] | None = None,
-               max_restarts: int = -1, threads_per_shard: int | None = None) -> "MemoryBank":
+               max_restarts: int = -1, threads_per_shard: int | None = None,
+               min_cluster: int = MIN_CLUSTER) -> "MemoryBank":
         """Start `num_shards` bank actors (num_cpus=0 by default; `actor_options` per shard or for
         all, e.g. {"num_gpus": 1} or a placement-group scheduling strategy); `threads_per_shard` sets
         each shard's torch threads (Ray gives num_cpus=0 actors one). `snapshot_root` is where
         `save()` writes by default and where a restarted shard restores from. `true_labels` [N]
-        (e.g. `Manifest.labels()`) enables NMI in `stats()`."""
+        (e.g. `Manifest.labels()`) enables NMI in `stats()`. `min_cluster`: after every `update`,
+        clusters with fewer members are dissolved and every empty cluster is refilled by splitting
+        the largest (mmselfsup InterCLR's default, 20); 0 disables this upkeep."""
         if num_samples <= 0 or dim <= 0 or num_shards <= 0 or num_clusters <= 0:
             raise ValueError("num_samples, dim, num_shards and num_clusters must be positive")
         if num_clusters > num_samples:
@@ -80,11 +93,18 @@ class MemoryBank:
             raise ValueError(f"momentum ω must be in (0, 1] (Eq. 2: v̂ ← (1-ω)v̂ + ωv), got {momentum}")
         if dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        if isinstance(min_cluster, bool) or not isinstance(min_cluster, (int, np.integer)) or min_cluster < 0:
+            raise ValueError(f"min_cluster must be an int >= 0 (0 disables cluster upkeep), got {min_cluster!r}")
         if true_labels is not None and len(true_labels) != num_samples:
             raise ValueError(f"true_labels has {len(true_labels)} entries for {num_samples} samples")
+        if min_cluster * num_clusters > num_samples:
+            log.warning("min_cluster %d × %d clusters exceeds the %d samples: cluster upkeep will dissolve and "
+                        "split clusters at every update (lower min_cluster, or 0 to disable)",
+                        min_cluster, num_clusters, num_samples)
         config = {"num_samples": num_samples, "dim": dim, "num_shards": num_shards, "num_clusters": num_clusters,
                   "momentum": momentum, "seed": seed, "dtype": dtype, "snapshot_root": snapshot_root,
-                  "max_restarts": max_restarts, "threads_per_shard": threads_per_shard}
+                  "max_restarts": max_restarts, "threads_per_shard": threads_per_shard,
+                  "min_cluster": int(min_cluster)}
         options = actor_options if isinstance(actor_options, list) else [actor_options or {}] * num_shards
         remote = ray.remote(BankShard)
         shards = []
@@ -108,7 +128,8 @@ class MemoryBank:
         bank = cls.create(meta["num_samples"], meta["dim"], meta["num_shards"], meta["num_clusters"],
                           meta["momentum"], meta["seed"], meta["dtype"],
                           snapshot_root or meta.get("snapshot_root"), true_labels, actor_options,
-                          meta.get("max_restarts", -1), meta.get("threads_per_shard"))
+                          meta.get("max_restarts", -1), meta.get("threads_per_shard"),
+                          min_cluster=meta.get("min_cluster", MIN_CLUSTER))
         bank.restore(str(directory))
         return bank
 
@@ -150,6 +171,7 @@ class MemoryBank:
             refs = [getattr(self.shards[s], m).remote(*a, **k) for s, m, a, k in calls]
             try:
                 results = ray.get(refs)
+                self.round_trips += 1
                 self.wait_seconds += time.perf_counter() - start
                 self.traffic_bytes += _nbytes([a for _, _, a, _ in calls]) + _nbytes(results)
                 return results
@@ -229,13 +251,101 @@ class MemoryBank:
     def update(self, ids, feats) -> None:
         """Eq. 2 momentum update and re-normalisation, relabel of each updated row to its most
         similar centroid (Sect. 4.1), and the running means of the centroids updated with every
-        member change."""
+        member change; then cluster upkeep (`_upkeep`) when some cluster has fewer than
+        `min_cluster` members. Two blocking round trips when no cluster is small."""
         ids = self._ids(ids, allow_duplicates=False)
         feats = self._feats(feats, len(ids))
         owners = self._owners(ids)
         deltas = self._call([(s, "update", (ids[pos], feats[pos], self.momentum), {})
                              for s, pos in enumerate(owners)])
-        self._call([(s, "apply_deltas", (deltas,), {}) for s in range(self.num_shards)])
+        # Shard 0's replica tells whether upkeep is due. Not a client-side tally of the deltas: every
+        # Ray Train rank holds its own copy of this client, and only rank 0 ran init_clusters.
+        sizes = self._call([(s, "apply_deltas", (deltas,), {"report_below": self.min_cluster if s == 0 else 0})
+                            for s in range(self.num_shards)])[0]
+        if sizes is not None:
+            self._upkeep(sizes)
+
+    # --- cluster upkeep --------------------------------------------------------------------------
+
+    def _upkeep(self, sizes: np.ndarray) -> None:
+        """mmselfsup 0.x InterCLRMemory.deal_with_small_clusters (interclr_memory.py; ODCMemory's is
+        the same), across shards: the members of every cluster with fewer than `min_cluster` move
+        to the most similar remaining centroid (argmax v·c) on the shards that own them; then every
+        empty cluster is refilled by splitting the largest (`_refill`); one broadcast of all the
+        deltas leaves every replica equal to the members' running means. Differences: the centroids
+        are exact running means throughout (the reference recomputes them every 10 iterations and
+        after each split), and when every cluster is small none is dissolved (the reference would
+        have no centroid left to move to)."""
+        trips = self.round_trips
+        sizes = np.array(sizes, dtype=np.int64)
+        small = np.flatnonzero(sizes < self.min_cluster)
+        deltas = []
+        occupied = small[sizes[small] > 0]
+        if len(small) < self.num_clusters and len(occupied):
+            deltas += self._call([(s, "dissolve_clusters", (occupied,), {}) for s in range(self.num_shards)])
+            _add_counts(sizes, deltas)
+            self.upkeep["dissolved"] += len(occupied)
+        split_deltas, refilled = self._refill(np.flatnonzero(sizes == 0), sizes, self._upkeep_rng)
+        deltas += split_deltas
+        if deltas:
+            self._call([(s, "apply_deltas", (deltas,), {}) for s in range(self.num_shards)])
+        self.upkeep["refilled"] += refilled
+        self.upkeep["round_trips"] += self.round_trips - trips
+
+    def _refill(self, empty: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> tuple[list, int]:
+        """_redirect_empty_clusters: for each empty cluster in index order, split the currently
+        largest (ties: lowest index) and give it one half. Updates `sizes` in place; returns the
+        deltas (not yet broadcast) and how many clusters were refilled."""
+        deltas, refilled = [], 0
+        for empty_cluster in empty:
+            largest = int(np.argmax(sizes))
+            if sizes[largest] < 2:
+                log.warning("cluster upkeep: no cluster has 2 members left to split for cluster %d", empty_cluster)
+                break
+            split = self._split(largest, int(empty_cluster), rng)
+            _add_counts(sizes, split)
+            deltas += split
+            refilled += 1
+        return deltas, refilled
+
+    def _split(self, cluster: int, new_cluster: int, rng: np.random.Generator) -> list[dict]:
+        """_partition_max_cluster across shards: 2-means on the members of `cluster` (k-means++
+        seeds drawn near the data, Lloyd steps from per-shard per-side sums and counts, at most
+        TWO_MEANS_ITERS, Euclidean as sklearn's KMeans), then side 1 moves to `new_cluster`. When
+        2-means degenerates (identical members, an empty side) a random half moves, as in the
+        reference; only then are the member ids of this one cluster shipped. The seeds come from
+        `rng` and global ids, so the split does not depend on the shard layout. The reference runs
+        sklearn with n_init restarts and greedy k-means++; this is one plain k-means++ run."""
+        everyone = range(self.num_shards)
+        seeds = rng.integers(2**62, size=2)
+        first = self._split_seed(cluster, int(seeds[0]), None)
+        second = self._split_seed(cluster, int(seeds[1]), first)
+        centers = None if second is None else np.stack([first, second])
+        for iteration in range(TWO_MEANS_ITERS if centers is not None else 0):
+            parts = self._call([(s, "two_means_step", (cluster, centers), {}) for s in everyone])
+            counts = np.sum([p["counts"] for p in parts], axis=0)
+            if (counts == 0).any():
+                centers = None
+                break
+            means = np.sum([p["sums"] for p in parts], axis=0) / counts[:, None]
+            if np.array_equal(means, centers) or iteration == TWO_MEANS_ITERS - 1:
+                break  # split by the centers just stepped with: both sides have members
+            centers = means
+        if centers is not None:
+            return self._call([(s, "split_cluster", (cluster, new_cluster), {"centers": centers}) for s in everyone])
+        log.warning("cluster upkeep: 2-means split of cluster %d degenerated; moving a random half", cluster)
+        self.upkeep["random_splits"] += 1
+        members = np.sort(np.concatenate(self._call([(s, "cluster_member_ids", (cluster,), {}) for s in everyone])))
+        half = rng.choice(members, len(members) // 2, replace=False)
+        return self._call([(s, "split_cluster", (cluster, new_cluster), {"ids": half[half % self.num_shards == s]})
+                           for s in everyone])
+
+    def _split_seed(self, cluster: int, seed: int, center: np.ndarray | None) -> np.ndarray | None:
+        """The member drawn ∝ 1 (center None) or ∝ ‖v - center‖² over the whole cluster: the
+        smallest of the shards' keys (ties: lowest global id). None when every weight is 0."""
+        parts = self._call([(s, "split_seed", (cluster, seed, center), {}) for s in range(self.num_shards)])
+        best = min(parts, key=lambda p: (p["key"], p["id"] if p["id"] >= 0 else np.inf))
+        return None if not np.isfinite(best["key"]) else np.asarray(best["feat"], dtype=np.float64)
 
     # --- queries ---------------------------------------------------------------------------------
 
@@ -381,7 +491,9 @@ class MemoryBank:
         the broadcast centroids and returns per-cluster sums and counts; the driver reduces them.
         Seeding: "kmeans++" on a uniform sample of `init_sample` rows (default 40·C, as faiss
         samples), "random" = C distinct sampled rows, or `initial_centroids`. Empty clusters are
-        split from large ones (faiss's rule). Returns the inertia per iteration and the seeds."""
+        split from large ones (faiss's rule); a cluster the final assignment leaves empty is refilled
+        by a 2-means split of the largest (as online upkeep). Returns the inertia per iteration (the
+        last: of the final assignment, before such refills), the seeds and the split counts."""
         seed = self.config["seed"] if seed is None else seed
         rng = np.random.default_rng(seed)
         c = self.num_clusters
@@ -408,7 +520,14 @@ class MemoryBank:
         partials = self._call([(s, "set_clusters", (centroids,), {}) for s in range(self.num_shards)])
         final_inertia = float(sum(p["inertia"] for p in partials))
         self._broadcast_replicas(partials, centroids)
-        return {"inertia": history + [final_inertia], "initial_centroids": seeds, "empty_splits": splits}
+        # The final assignment can still leave a cluster empty (e.g. duplicate centroids); InterCLR
+        # starts from none (mmselfsup InterCLRMemory.init_memory asserts it): split the largest.
+        sizes = np.sum([p["counts"] for p in partials], axis=0)
+        deltas, refilled = self._refill(np.flatnonzero(sizes == 0), sizes, rng)
+        if deltas:
+            self._call([(s, "apply_deltas", (deltas,), {}) for s in range(self.num_shards)])
+        return {"inertia": history + [final_inertia], "initial_centroids": seeds, "empty_splits": splits,
+                "final_refills": refilled}
 
     def _sample_rows(self, count: int, rng: np.random.Generator) -> np.ndarray:
         ids = rng.choice(self.num_samples, size=count, replace=False)
@@ -420,8 +539,9 @@ class MemoryBank:
     # --- stats and snapshots ---------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Cluster sizes, label change ratio since the last call, bank step, and NMI of the
-        pseudo-labels against the true labels when the bank was given them."""
+        """Cluster sizes, label change ratio since the last call, bank step, clusters this client
+        dissolved / refilled by upkeep so far, and NMI of the pseudo-labels against the true labels
+        when the bank was given them."""
         state = self._call([(0, "cluster_state", (), {})])[0]
         local = self._call([(s, "local_stats", (), {}) for s in range(self.num_shards)])
         sizes = state["counts"].sum(axis=0)
@@ -431,6 +551,7 @@ class MemoryBank:
             "cluster_size_min": int(sizes.min()), "cluster_size_median": float(np.median(sizes)),
             "cluster_size_max": int(sizes.max()), "empty_clusters": int((sizes == 0).sum()),
             "label_change_ratio": (sum(p["changed"] for p in local) / updated) if updated else 0.0,
+            "upkeep_dissolved": self.upkeep["dissolved"], "upkeep_refilled": self.upkeep["refilled"],
         }
         if "pairs" in local[0]:
             pairs = np.concatenate([p["pairs"] for p in local])
@@ -457,6 +578,11 @@ class MemoryBank:
             tmp.write_text(Path(directory).name)
             tmp.replace(Path(root) / "LATEST")
         return directory
+
+
+def _add_counts(sizes: np.ndarray, deltas: list[dict]) -> None:
+    for delta in deltas:
+        np.add.at(sizes, np.asarray(delta["clusters"], dtype=np.int64), delta["counts"])
 
 
 def _nbytes(obj) -> int:

@@ -1,4 +1,5 @@
-"""k-means pieces shared by the bank shards (assignment) and the driver (init, empty-cluster split)."""
+"""k-means pieces shared by the bank shards (assignment, 2-means sides) and the driver (init,
+empty-cluster split, NMI)."""
 from __future__ import annotations
 
 import numpy as np
@@ -74,6 +75,27 @@ def split_empty_clusters(centroids: np.ndarray, counts: np.ndarray, rng: np.rand
         counts[donor] -= counts[empty]
         split += 1
     return split
+
+
+def hashed_uniform(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform in (0, 1) per global sample id (splitmix64 of id and seed): the same draw whichever
+    shard holds the row, so random choices made near the data do not depend on the shard layout."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(ids, dtype=np.uint64) + np.uint64(seed % 2**64) * np.uint64(0xD1B54A32D192ED03)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return ((z >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
+
+
+def two_means_sides(feats: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Side (0 or 1) of each row [n, D] in a 2-means split: the nearer of centers [2, D] in
+    Euclidean distance, as sklearn's KMeans(2) that mmselfsup splits with; ties go to side 0."""
+    x = feats.double()
+    c = centers.to(device=x.device, dtype=torch.float64)
+    distances = (x[:, None, :] - c[None]).pow(2).sum(dim=2)  # [n, 2]
+    return (distances[:, 1] < distances[:, 0]).long()
 
 
 def normalized_mutual_info(pairs: np.ndarray, pair_counts: np.ndarray) -> float:

@@ -4,8 +4,10 @@ State (torch tensors on the actor's device):
 - `feats` [n, D] fp32 or fp16, L2-normalised; `labels` [n] int64 pseudo-labels (-1 before k-means).
 - A replica of the global cluster state, identical on every shard: `sums` [C, D] float64 (sum of
   member features), `counts` [S, C] int64 (members of each cluster on each shard), `centroids`
-  [C, D] = sums / counts (an emptied cluster keeps its last centroid). Every update's change is
-  broadcast to all shards by the client, so relabelling (Eq. 3) happens near the data.
+  [C, D] = sums / counts (an emptied cluster keeps its last centroid until upkeep refills it).
+  Every update's change is broadcast to all shards by the client, so relabelling (Eq. 3) happens
+  near the data; so is every change made by cluster upkeep (dissolve small clusters, split the
+  largest with a 2-means whose Lloyd steps are per-shard partial sums).
 - `members[c]`: this shard's rows in cluster c, with `slot[row]` its position there — "random member
   of c" is O(1) and a relabel is an O(1) swap-remove. "Not in c" is rejection sampling, which
   rejects about |c|/n of the draws.
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bank.kmeans import nearest_centroid
+from bank.kmeans import hashed_uniform, nearest_centroid, two_means_sides
 
 STRATEGIES = ("hard", "semi_hard", "random", "semi_easy")
 GATHER_BYTES = 64 << 20  # cap on gathered [b, k, D] features per chunk
@@ -149,27 +151,47 @@ class BankShard:
             # argmax v·c, as the reference implementation (mmselfsup InterCLRMemory) relabels; Eq. 3's
             # ‖v - c‖² with running-mean centroids (norm < 1) favours the most diffuse cluster.
             new_labels[clustered] = nearest_centroid(stored[clustered], self.centroids, metric="dot")[0]
+        changed = self._set_labels(rows, old_labels, new_labels)
+        self.step += 1
+        self.updated_rows += int(clustered.sum())
+        self.changed_rows += changed
+        return self._delta(old_labels[clustered], new_labels[clustered], old[clustered], stored[clustered])
+
+    def _set_labels(self, rows: torch.Tensor, old_labels: torch.Tensor, new_labels: torch.Tensor) -> int:
+        """Write the labels of `rows` (distinct) and keep the member lists; returns how many changed."""
         self.labels[rows] = new_labels
         changed = torch.nonzero(new_labels != old_labels).flatten().cpu().numpy()
         rows_np, old_np, new_np = rows.cpu().numpy(), old_labels.cpu().numpy(), new_labels.cpu().numpy()
         for i in changed:
             self._move(int(rows_np[i]), int(old_np[i]), int(new_np[i]))
-        self.step += 1
-        self.updated_rows += int(clustered.sum())
-        self.changed_rows += len(changed)
-        # delta of the float64 sums: remove the old stored values, add the new, per cluster
-        touched = torch.unique(torch.cat([old_labels[clustered], new_labels[clustered]]))
+        return len(changed)
+
+    def _delta(self, old_labels: torch.Tensor, new_labels: torch.Tensor, old_feats: torch.Tensor,
+               new_feats: torch.Tensor) -> dict:
+        """This shard's change to the float64 cluster sums and its counts when clustered rows go from
+        (old label, old stored value) to (new label, new stored value)."""
+        touched = torch.unique(torch.cat([old_labels, new_labels]))
         position = torch.full((self.num_clusters,), -1, dtype=torch.int64, device=self.device)
         position[touched] = torch.arange(len(touched), device=self.device)
         delta = torch.zeros(len(touched), self.dim, dtype=torch.float64, device=self.device)
-        delta.index_add_(0, position[new_labels[clustered]], stored[clustered].double())
-        delta.index_add_(0, position[old_labels[clustered]], -old[clustered].double())  # old = stored values
-        delta_counts = (torch.bincount(position[new_labels[clustered]], minlength=len(touched))
-                        - torch.bincount(position[old_labels[clustered]], minlength=len(touched)))
+        delta.index_add_(0, position[new_labels], new_feats.double())
+        delta.index_add_(0, position[old_labels], -old_feats.double())
+        delta_counts = (torch.bincount(position[new_labels], minlength=len(touched))
+                        - torch.bincount(position[old_labels], minlength=len(touched)))
         return {"shard": self.shard_index, "clusters": touched.cpu().numpy(), "sums": delta.cpu().numpy(),
                 "counts": delta_counts.cpu().numpy()}
 
-    def apply_deltas(self, deltas: list[dict]) -> None:
+    def _relabel(self, rows: torch.Tensor, new_labels: torch.Tensor) -> dict:
+        """Move clustered `rows` (distinct) to `new_labels`, features unchanged; returns the delta."""
+        old_labels = self.labels[rows].clone()
+        self._set_labels(rows, old_labels, new_labels)
+        feats = self.feats[rows]
+        return self._delta(old_labels, new_labels, feats, feats)
+
+    def apply_deltas(self, deltas: list[dict], report_below: int = 0) -> np.ndarray | None:
+        """Add every shard's deltas to this replica. With report_below > 0, return the global cluster
+        sizes [C] when some cluster has fewer members (None otherwise, and before k-means): the
+        client's cue for upkeep, so the steady state costs no extra call."""
         for delta in deltas:
             clusters = torch.as_tensor(np.array(delta["clusters"]), dtype=torch.int64, device=self.device)
             if len(clusters) == 0:
@@ -177,6 +199,11 @@ class BankShard:
             self.sums[clusters] += self._tensor(delta["sums"])
             self.counts[delta["shard"], clusters] += self._tensor(delta["counts"])
             self._refresh_centroids(clusters)
+        if report_below > 0:
+            sizes = self.counts.sum(dim=0)
+            if int(sizes.sum()) > 0 and bool((sizes < report_below).any()):
+                return sizes.cpu().numpy()
+        return None
 
     def _refresh_centroids(self, clusters: torch.Tensor) -> None:
         total = self.counts[:, clusters].sum(dim=0)
@@ -224,6 +251,77 @@ class BankShard:
 
     def cluster_state(self) -> dict:
         return {"counts": self.counts.cpu().numpy(), "centroids": self.centroids.cpu().numpy()}
+
+    # --- cluster upkeep (mmselfsup 0.x InterCLRMemory / ODCMemory.deal_with_small_clusters) ------------
+    # The client decides; each shard acts on the rows it owns and returns partial sums or a delta.
+    # Replicas change only when the client broadcasts the deltas (apply_deltas) at the end.
+
+    def _member_rows(self, cluster: int) -> torch.Tensor:
+        return torch.as_tensor(self.members[cluster], dtype=torch.int64, device=self.device)
+
+    def dissolve_clusters(self, clusters: np.ndarray) -> dict:
+        """Reassign this shard's members of `clusters` to the most similar other centroid, argmax v·c
+        as in `update` (deal_with_small_clusters: `inclusion` = the clusters not dissolved). Returns
+        the delta of the sums and counts."""
+        self._check()
+        allowed = torch.ones(self.num_clusters, dtype=torch.bool, device=self.device)
+        allowed[self._tensor(clusters, torch.int64)] = False
+        targets = torch.nonzero(allowed).flatten()
+        rows = torch.cat([self._member_rows(int(c)) for c in clusters] +
+                         [torch.empty(0, dtype=torch.int64, device=self.device)])
+        if len(rows) == 0 or len(targets) == 0:
+            return self._relabel(rows[:0], rows[:0])
+        nearest = nearest_centroid(self.feats[rows], self.centroids[targets], metric="dot")[0]
+        return self._relabel(rows, targets[nearest])
+
+    def split_seed(self, cluster: int, seed: int, center: np.ndarray | None = None) -> dict:
+        """One k-means++ seed of a 2-means split, drawn near the data: this shard's member of `cluster`
+        with the smallest key -log(u)/w, u = hashed_uniform(global id, seed), w = 1 (first seed) or
+        ‖v - center‖² (second). The smallest key over all shards is a draw ∝ w (Efraimidis–Spirakis)
+        that does not depend on the shard layout. Returns key (inf: no member with w > 0), id, feat."""
+        self._check()
+        rows = self._member_rows(cluster)
+        if len(rows) == 0:
+            return {"key": math.inf, "id": -1, "feat": None}
+        ids = rows.cpu().numpy() * self.num_shards + self.shard_index
+        feats = self.feats[rows].double()
+        weights = np.ones(len(rows))
+        if center is not None:
+            weights = (feats - self._tensor(center, torch.float64)).pow(2).sum(dim=1).cpu().numpy()
+        with np.errstate(divide="ignore"):
+            keys = np.where(weights > 0, -np.log(hashed_uniform(ids, seed)) / weights, math.inf)
+        best = int(np.lexsort((ids, keys))[0])  # ties by global id
+        return {"key": float(keys[best]), "id": int(ids[best]), "feat": feats[best].cpu().numpy()}
+
+    def two_means_step(self, cluster: int, centers: np.ndarray) -> dict:
+        """One Lloyd step of a 2-means split of `cluster` on this shard's members: per side (nearer
+        of the two `centers`, Euclidean) the float64 sum [2, D] and count [2]."""
+        self._check()
+        rows = self._member_rows(cluster)
+        sides = two_means_sides(self.feats[rows], self._tensor(centers, torch.float64))
+        sums = torch.zeros(2, self.dim, dtype=torch.float64, device=self.device)
+        sums.index_add_(0, sides, self.feats[rows].double())
+        return {"sums": sums.cpu().numpy(), "counts": torch.bincount(sides, minlength=2).cpu().numpy()}
+
+    def split_cluster(self, cluster: int, new_cluster: int, centers: np.ndarray | None = None,
+                      ids: np.ndarray | None = None) -> dict:
+        """Move this shard's members of `cluster` on side 1 of `centers` (or those among global `ids`:
+        the random fallback) to `new_cluster` (_redirect_empty_clusters). Returns the delta."""
+        self._check()
+        rows = self._member_rows(cluster)
+        if centers is not None:
+            moving = two_means_sides(self.feats[rows], self._tensor(centers, torch.float64)) == 1
+        else:
+            own = np.asarray(ids, dtype=np.int64)
+            own = own[own % self.num_shards == self.shard_index] // self.num_shards
+            moving = torch.as_tensor(np.isin(rows.cpu().numpy(), own), device=self.device)
+        rows = rows[moving]
+        return self._relabel(rows, torch.full_like(rows, new_cluster))
+
+    def cluster_member_ids(self, cluster: int) -> np.ndarray:
+        """Global ids of this shard's members of `cluster` (only for the random-half fallback)."""
+        self._check()
+        return np.asarray(self.members[cluster], dtype=np.int64) * self.num_shards + self.shard_index
 
     # --- queries -------------------------------------------------------------------------------
 

@@ -123,13 +123,17 @@ def test_empty_clusters_are_split_from_large_ones(make_bank):
     bank.set_features(np.arange(42), x)
     result = bank.init_clusters(iters=5, init="random")
     assert result["empty_splits"] > 0
+    assert result["final_refills"] > 0  # the final assignment left clusters empty: refilled by splits
+    sizes = np.bincount(bank.labels(np.arange(42)).numpy(), minlength=5)
+    assert (sizes > 0).all() and bank.stats()["empty_clusters"] == 0
+    assert_replicas_are_member_means(bank)
 
 
-def test_one_shard_and_three_shards_agree_on_kmeans_updates_and_labels(make_bank):
+def test_one_shard_and_three_shards_agree_on_kmeans_updates_upkeep_and_labels(make_bank):
     x, _ = blobs(900, 5, 16, noise=0.4, seed=5)
     banks = []
     for shards in (1, 3):
-        bank = make_bank(900, 16, num_shards=shards, num_clusters=5, seed=5)
+        bank = make_bank(900, 16, num_shards=shards, num_clusters=5, seed=5, momentum=1.0, min_cluster=20)
         bank.set_features(np.arange(900), x)
         bank.init_clusters(iters=8, init="kmeans++")
         banks.append(bank)
@@ -145,6 +149,123 @@ def test_one_shard_and_three_shards_agree_on_kmeans_updates_and_labels(make_bank
     np.testing.assert_array_equal(banks[0].labels(everything).numpy(), banks[1].labels(everything).numpy())
     np.testing.assert_allclose(banks[0].get(everything).numpy(), banks[1].get(everything).numpy(), atol=1e-7)
     np.testing.assert_allclose(banks[0].centroids(), banks[1].centroids(), atol=1e-6)
+    for bank in banks:  # upkeep: one cluster emptied, one left below min_cluster; both refilled by splits
+        move_members(bank, cluster=0, keep=0, target=1)
+        move_members(bank, cluster=3, keep=4, target=2)
+    counts = [(b.upkeep["dissolved"], b.upkeep["refilled"], b.upkeep["random_splits"]) for b in banks]
+    assert counts[0] == counts[1] and counts[0][1] == 2
+    np.testing.assert_array_equal(banks[0].labels(everything).numpy(), banks[1].labels(everything).numpy())
+    np.testing.assert_allclose(banks[0].centroids(), banks[1].centroids(), atol=1e-6)
+
+
+# --- cluster upkeep (mmselfsup InterCLRMemory.deal_with_small_clusters) ----------------------------
+
+def assert_replicas_are_member_means(bank):
+    """Every shard's replica: counts per shard and centroid = mean of the members, from get + labels."""
+    import ray
+    everything = np.arange(bank.num_samples)
+    feats, labels = bank.get(everything).numpy(), bank.labels(everything).numpy()
+    for shard in bank.shards:
+        state = ray.get(shard.cluster_state.remote())
+        for s in range(bank.num_shards):
+            np.testing.assert_array_equal(state["counts"][s], np.bincount(labels[s::bank.num_shards],
+                                                                          minlength=bank.num_clusters))
+        for c in np.unique(labels):
+            np.testing.assert_allclose(state["centroids"][c], feats[labels == c].mean(0), atol=1e-5)
+
+
+def move_members(bank, cluster, keep, target):
+    """Momentum-1 update moving all but `keep` members of `cluster` onto centroid `target`. Returns
+    (moved ids, the labels an update without upkeep gives: argmax v·c over the centroids before)."""
+    everything = np.arange(bank.num_samples)
+    labels, centroids = bank.labels(everything).numpy(), bank.centroids()
+    moved = np.flatnonzero(labels == cluster)[keep:]
+    noise = 0.01 * np.random.default_rng(cluster).normal(size=(len(moved), bank.dim))
+    bank.update(moved, centroids[target] + noise)
+    labels[moved] = (bank.get(moved).numpy() @ centroids.T).argmax(1)
+    return moved, labels
+
+
+def test_a_cluster_emptied_by_updates_is_refilled_by_a_2_means_split_of_the_largest(make_bank):
+    bank, _, _ = clustered_bank(make_bank, shards=2, momentum=1.0, min_cluster=20)
+    _, before = move_members(bank, cluster=2, keep=0, target=4)
+    sizes_before = np.bincount(before, minlength=6)
+    assert sizes_before[2] == 0
+    largest = int(np.argmax(sizes_before))
+    labels = bank.labels(np.arange(600)).numpy()
+    sizes = np.bincount(labels, minlength=6)
+    assert sizes.min() >= 20 and bank.stats()["empty_clusters"] == 0
+    # cluster 2 now holds part of the largest cluster, and nothing else moved
+    assert set(np.flatnonzero((labels == 2) | (labels == largest))) == set(np.flatnonzero(before == largest))
+    np.testing.assert_array_equal(labels[(before != largest)], before[before != largest])
+    # the split is a 2-means fixed point: each half's members are nearer its own mean (Euclidean)
+    feats = bank.get(np.arange(600)).numpy()
+    halves = np.flatnonzero(labels == largest), np.flatnonzero(labels == 2)
+    means = [feats[h].mean(0) for h in halves]
+    for own, other, half in [(0, 1, halves[0]), (1, 0, halves[1])]:
+        distance = lambda m: ((feats[half] - m) ** 2).sum(1)
+        assert (distance(means[own]) <= distance(means[other]) + 1e-9).all()
+    assert bank.stats()["upkeep_refilled"] == 1
+    assert_replicas_are_member_means(bank)
+
+
+def test_small_clusters_are_dissolved_into_the_most_similar_remaining_centroid(make_bank):
+    bank, _, _ = clustered_bank(make_bank, shards=2, momentum=1.0, min_cluster=20)
+    ids = np.arange(0, 600, 10)
+    feats = bank.get(ids)
+    trips = bank.round_trips
+    bank.update(ids, feats)  # no cluster gets small
+    assert bank.round_trips - trips == 2 and bank.upkeep["round_trips"] == 0  # the steady state
+    _, before = move_members(bank, cluster=1, keep=5, target=3)
+    leftovers = np.flatnonzero(before == 1)
+    assert len(leftovers) == 5  # below min_cluster: dissolved
+    feats = bank.get(np.arange(600)).numpy()
+    remaining = np.array([c for c in range(6) if c != 1])
+    means = np.stack([feats[before == c].mean(0) for c in remaining])  # centroids before upkeep
+    targets = remaining[(feats[leftovers] @ means.T).argmax(1)]
+    after_dissolve = np.bincount(before[before != 1], minlength=6)
+    np.add.at(after_dissolve, targets, 1)
+    largest = int(np.argmax(after_dissolve))  # split next, to refill the emptied cluster 1
+    labels = bank.labels(np.arange(600)).numpy()
+    for row, target in zip(leftovers, targets):
+        assert labels[row] == target or (target == largest and labels[row] == 1)
+    assert np.bincount(labels, minlength=6).min() >= 20
+    stats = bank.stats()
+    assert (stats["upkeep_dissolved"], stats["upkeep_refilled"], stats["empty_clusters"]) == (1, 1, 0)
+    assert_replicas_are_member_means(bank)
+
+
+def test_nmi_does_not_fall_over_50_updates_of_drifting_blobs_with_upkeep(make_bank):
+    from sklearn.datasets import make_blobs
+    x, truth = make_blobs(1000, 16, centers=10, cluster_std=2.0, random_state=0)
+    x -= x.mean(0)
+    bank = make_bank(1000, 16, num_shards=2, num_clusters=20, seed=0, true_labels=truth, min_cluster=20)
+    bank.set_features(np.arange(1000), x)
+    bank.init_clusters(iters=10)
+    start = bank.stats()["nmi"]
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(16, 16)))[0]
+    turn = np.eye(16)
+    turn[:2, :2] = [[np.cos(0.05), -np.sin(0.05)], [np.sin(0.05), np.cos(0.05)]]
+    rotation = basis @ turn @ basis.T  # 0.05 rad per step in a random plane: 2.5 rad in all
+    feats = x
+    for _ in range(50):
+        feats = feats @ rotation.T
+        ids = rng.choice(1000, 200, replace=False)
+        bank.update(ids, feats[ids] + 0.5 * rng.normal(size=(200, 16)))
+    stats = bank.stats()
+    assert stats["upkeep_refilled"] > 0  # upkeep did run
+    assert stats["empty_clusters"] == 0 and stats["cluster_size_min"] >= 20
+    assert stats["nmi"] >= start - 0.02
+    assert_replicas_are_member_means(bank)
+
+
+def test_min_cluster_zero_disables_upkeep(make_bank):
+    bank, _, _ = clustered_bank(make_bank, shards=1, momentum=1.0, min_cluster=0)
+    move_members(bank, cluster=2, keep=0, target=4)
+    assert bank.stats()["empty_clusters"] == 1
+    with pytest.raises(ValueError, match="min_cluster"):
+        MemoryBank.create(10, 4, num_clusters=2, min_cluster=-1)
 
 
 # --- sampling semantics ---------------------------------------------------------------------------
@@ -363,7 +484,7 @@ def test_killed_shard_without_snapshot_is_an_error_not_zeros(make_bank, ray_clus
 
 
 def test_save_and_load_round_trip(make_bank, tmp_path, ray_cluster):
-    bank, _, _ = clustered_bank(make_bank, shards=2)
+    bank, _, _ = clustered_bank(make_bank, shards=2, min_cluster=7)
     bank.update(np.arange(30), np.random.default_rng(10).normal(size=(30, 8)))
     bank.save(str(tmp_path / "snap"))
     loaded = MemoryBank.load(str(tmp_path / "snap"))
@@ -372,7 +493,7 @@ def test_save_and_load_round_trip(make_bank, tmp_path, ray_cluster):
         np.testing.assert_array_equal(loaded.get(everything).numpy(), bank.get(everything).numpy())
         np.testing.assert_array_equal(loaded.labels(everything).numpy(), bank.labels(everything).numpy())
         np.testing.assert_allclose(loaded.centroids(), bank.centroids(), atol=1e-6)
-        assert loaded.stats()["step"] == 1
+        assert loaded.stats()["step"] == 1 and loaded.min_cluster == 7
     finally:
         loaded.shutdown()
 

@@ -53,14 +53,38 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     """SimCLR NT-Xent. z1, z2: [N, D], two views of N samples. Each of the 2N embeddings has its
     other view as positive and the remaining 2N-2 as negatives; the loss is averaged over all 2N
     anchors (symmetric in z1, z2). Cosine similarity."""
+    return nt_xent_global(z1, z2, z1, z2, offset=0, temperature=temperature)
+
+
+def nt_xent_global(z1: torch.Tensor, z2: torch.Tensor, all_z1: torch.Tensor, all_z2: torch.Tensor,
+                   offset: int, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent of one worker's anchors against the global batch (SimCLR's `add_contrastive_loss`
+    with `tpu_cross_replica_concat`; solo-learn `simclr_loss_func` with `gather`).
+
+    z1, z2: [n, D], this worker's two views; all_z1, all_z2: [N, D], every worker's, in which this
+    worker's rows are offset..offset+n-1 (the same values, reached through a differentiable gather).
+    Each of the 2n local anchors has its other view as positive and the other 2N-2 embeddings of
+    the global batch as negatives; the loss is averaged over the 2n local anchors. With W equal
+    shards, the mean over workers of this loss is `nt_xent(all_z1, all_z2)`, and DDP's mean of the
+    workers' gradients is its gradient provided the gather's backward sums the workers' gradients
+    for each shard (a reduce-scatter).
+    """
     check_pair("z1", z1, "z2", z2)
+    check_pair("all_z1", all_z1, "all_z2", all_z2)
     check_temperature("temperature", temperature)
-    n = z1.shape[0]
-    z = normalize(torch.cat([z1, z2], dim=0))  # [2N, D]
-    logits = z @ z.T / temperature  # [2N, 2N]
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(logits, partner)
+    n, total = z1.shape[0], all_z1.shape[0]
+    if all_z1.shape[1] != z1.shape[1] or not 0 <= offset <= total - n:
+        raise ValueError(f"local views {tuple(z1.shape)} at offset {offset} must be rows of the global "
+                         f"views {tuple(all_z1.shape)}")
+    anchors = normalize(torch.cat([z1, z2], dim=0))  # [2n, D]
+    keys = normalize(torch.cat([all_z1, all_z2], dim=0))  # [2N, D]
+    logits = anchors @ keys.T / temperature  # [2n, 2N]
+    rows = torch.arange(n, device=z1.device) + offset  # this worker's rows of all_z1 (and all_z2)
+    itself = torch.cat([rows, rows + total])  # [2n]: each anchor's own column
+    partner = torch.cat([rows + total, rows])  # [2n]: its other view's column
+    is_itself = torch.zeros_like(logits, dtype=torch.bool)
+    is_itself[torch.arange(2 * n, device=z1.device), itself] = True
+    return F.cross_entropy(logits.masked_fill(is_itself, float("-inf")), partner)
 
 
 def patch_nce(feat_q: torch.Tensor, feat_k: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:

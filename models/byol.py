@@ -7,12 +7,13 @@ import torch
 
 from losses import byol_loss
 from models.heads import byol_mlp
-from models.method import Method
+from models.method import InterQuery, IntraStep, Method
 from models.momentum import byol_decay, momentum_copy
 
 
 class BYOL(Method):
     recipe = "two_crop"
+    contrastive = False  # no negatives: as an InterCLR base, the inter branch regresses to the positive
     momentum_pairs = (("backbone", "target_backbone"), ("projector", "target_projector"))
 
     def __init__(self, backbone: torch.nn.Module, embed_dim: int = 256, hidden_dim: int = 4096,
@@ -23,6 +24,7 @@ class BYOL(Method):
         self.predictor = byol_mlp(embed_dim, embed_dim, hidden_dim)
         self.target_backbone, self.target_projector = momentum_copy(backbone), momentum_copy(self.projector)
         self.base_decay = base_decay
+        self.embed_dim = embed_dim
 
     def decay(self, progress: float) -> float:
         return byol_decay(progress, self.base_decay)
@@ -34,7 +36,20 @@ class BYOL(Method):
     def target(self, x: torch.Tensor) -> torch.Tensor:
         return self.target_projector(self.target_backbone(x))
 
-    def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
+    def intra_step(self, batch: dict, bank=None, inter: InterQuery | None = None, margin: float = 0.0) -> IntraStep:
+        """The symmetrised BYOL loss; both predictions are anchors of the inter branch and the bank
+        stores the second view's target projection (BYOL-InterCLR, 003 Sect. 5.1.2)."""
+        if margin:
+            raise ValueError("BYOL has no negatives: an intra margin does not apply")
         x1, x2 = self.views(batch)[:2]
-        loss = byol_loss(self.predict(x1), self.target(x2)) + byol_loss(self.predict(x2), self.target(x1))
+        p1, p2 = self.predict(x1), self.predict(x2)
+        z1, z2 = self.target(x1), self.target(x2)
+        return IntraStep(byol_loss(p1, z2) + byol_loss(p2, z1), [p1, p2], z2)
+
+    @torch.no_grad()
+    def bank_features(self, batch: dict) -> list[torch.Tensor]:
+        return [self.target(self.views(batch)[0])]
+
+    def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
+        loss = self.intra_step(batch).loss
         return {"loss": loss, "intra": loss.detach()}

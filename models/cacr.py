@@ -1,10 +1,15 @@
 """Contrastive Attraction and Contrastive Repulsion (004_*.txt).
 
 - K = 1 and K ≥ 2 positives, mini-batch form (Sect. 3.2): K+1 views of each sample (recipe
-  `two_crop` or `k_views(K+1)`), every view in turn the query, `losses.cacr_multiview_loss`.
-- MoCo-v2 form (`queue_size` set, Algorithm 3): query encoder and momentum key encoder; each
-  view's query attracts the *keys* of the other K views (weights without gradient) and is repelled
-  from the queue of N keys; the last view's keys are enqueued. t⁺ 1.0, t⁻ 2.0, 128-D.
+  `two_crop` or `k_views(K+1)`), every view in turn the query for the attraction, every pair of
+  views for the repulsion, `losses.cacr_multiview_loss`.
+- MoCo-v2 form (`queue_size` set, Algorithm 3, App. C.2): query encoder and momentum key encoder;
+  each view's query attracts the *keys* of the other K views (weights without gradient) and is
+  repelled from the queue of N keys and, with `intra_batch`, the other queries of its batch; the
+  last view's keys are enqueued. t⁺ 1.0, t⁻ 2.0, 128-D. Defaults follow the official code
+  (JegZheng/CACR-SSL `large_scale_shift_experiments/imagenet/ours/builder.py`, `MoCo.forward`):
+  in-batch negatives on (`unif_intra_batch=True`, `--moco-unif-no-intra-batch` unset) and the
+  queue's weights detached (`detach_weights`; Algorithm 3 as printed keeps their gradient).
 """
 from __future__ import annotations
 
@@ -13,13 +18,14 @@ import torch
 from losses import cacr_loss, cacr_multiview_loss
 from models.heads import ProjectionHead
 from models.method import Method
-from models.momentum import MoCoQueue, momentum_copy
+from models.momentum import BN_SPLITS, MoCoQueue, QueryKeyEncoders, momentum_copy
 
 
-class CACR(Method):
+class CACR(QueryKeyEncoders, Method):
     def __init__(self, backbone: torch.nn.Module, num_positives: int = 1, t_pos: float = 1.0, t_neg: float = 2.0,
                  embed_dim: int = 128, hidden_dim: int = 2048, queue_size: int | None = None,
-                 key_momentum: float = 0.999):
+                 key_momentum: float = 0.999, intra_batch: bool = True, detach_weights: bool = True,
+                 shuffle_bn: bool = True, bn_splits: int = BN_SPLITS):
         super().__init__()
         if num_positives < 1:
             raise ValueError(f"CACR needs at least one positive, got {num_positives}")
@@ -28,6 +34,10 @@ class CACR(Method):
         self.backbone = backbone
         self.head = ProjectionHead(backbone.dim, embed_dim, hidden_dim)
         self.t_pos, self.t_neg, self.key_momentum = t_pos, t_neg, key_momentum
+        # MoCo-v2 form only: in-batch query negatives; the weights against the momentum keys (the
+        # positives' always, the queue's when detach_weights) carry no gradient
+        self.intra_batch, self.detach_weights = intra_batch, detach_weights
+        self.shuffle_bn, self.bn_splits = shuffle_bn, bn_splits  # queue form: keys with shuffle BN, as MoCo's
         self.queue = None
         if queue_size is not None:
             self.key_backbone, self.key_head = momentum_copy(backbone), momentum_copy(self.head)
@@ -41,21 +51,21 @@ class CACR(Method):
     def prime(self, batch: dict) -> None:
         """Queue keys of real images before the first step (as MoCo.prime; the last view's keys)."""
         if self.queue is not None:
-            self.queue.push(self.key_head(self.key_backbone(self.views(batch)[self.num_views - 1])))
+            self.queue.push(self.encode_keys(self.views(batch)[self.num_views - 1]))
 
     def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
         views = self.views(batch)[:self.num_views]
-        queries = [self.head(self.backbone(v)) for v in views]
         if self.queue is None:
-            loss = cacr_multiview_loss(queries, self.t_pos, self.t_neg)
+            loss = cacr_multiview_loss([self.head(self.backbone(v)) for v in views], self.t_pos, self.t_neg)
             return {"loss": loss, "cacr": loss.detach()}
-        with torch.no_grad():
-            keys = torch.stack([self.key_head(self.key_backbone(v)) for v in views], dim=1)  # [B, K+1, D]
+        queries = [self.encode_queries(v) for v in views]
+        keys = torch.stack([self.encode_keys(v) for v in views], dim=1)  # [B, K+1, D]
         negatives = self.queue.keys.clone()
         loss = queries[0].new_zeros(())
         for k, q in enumerate(queries):  # Algorithm 3: each mini-batch of views in turn is the query
             positives = torch.cat([keys[:, :k], keys[:, k + 1:]], dim=1)  # [B, K, D]
-            loss = loss + cacr_loss(q, positives, negatives, self.t_pos, self.t_neg, detach_weights=True)
+            loss = loss + cacr_loss(q, positives, negatives, self.t_pos, self.t_neg, detach_weights=True,
+                                    intra_batch=self.intra_batch, detach_negative_weights=self.detach_weights)
         loss = loss / len(queries)
         self.queue.push(keys[:, -1])
         return {"loss": loss, "cacr": loss.detach()}

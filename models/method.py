@@ -8,6 +8,7 @@ A method is an `nn.Module` with
     after_optimizer_step(progress)                   EMA updates of its `momentum_pairs`
     backbone                     the encoder whose pooled output is the representation (kNN, linear eval)
     bank_features(batch)         what to write into its banks before the first step (no grad)
+    intra_step(batch, bank, inter)   InterCLR bases only: the base's loss, anchors and bank update
     queue, prime(batch)          a MoCo-style key queue (optional attribute), filled with real keys
                                  by `prime` before the first step
 `progress` = step / total steps ∈ [0, 1] (schedules); `epoch` gates warm-ups.
@@ -23,6 +24,27 @@ from models.momentum import ema_update
 
 
 @dataclass(frozen=True)
+class InterQuery:
+    """InterCLR's inter-branch request (003 Sect. 4.2): negatives, strategy, τ, semi-hard pool."""
+    num_negatives: int
+    strategy: str
+    temperature: float
+    pool_fraction: float
+
+
+@dataclass
+class IntraStep:
+    """One step of a base method as InterCLR composes it (003 Eq. 7): the base's own loss; `anchors`,
+    the embeddings the inter branch pulls towards the anchor's cluster; `bank_update`, what the bank
+    stores for the batch (Eq. 2); and `inter`, one (pos, neg) per anchor when the base already asked
+    the bank for the inter branch in its own round trip (NPID), else None."""
+    loss: torch.Tensor
+    anchors: list[torch.Tensor]
+    bank_update: torch.Tensor
+    inter: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+
+@dataclass(frozen=True)
 class BankRequest:
     dim: int
     momentum: float  # InterCLR Eq. 2 ω
@@ -33,6 +55,7 @@ class Method(nn.Module):
     recipe = "two_crop"
     num_views = 2
     momentum_pairs: tuple[tuple[str, str], ...] = ()  # (online attribute, target attribute)
+    contrastive = True  # has negatives (InfoNCE-type loss); BYOL has none
 
     banks: list | None = None
 
@@ -88,6 +111,12 @@ class Method(nn.Module):
     @torch.no_grad()
     def bank_features(self, batch: dict) -> list[torch.Tensor]:
         return []
+
+    def intra_step(self, batch: dict, bank=None, inter: InterQuery | None = None, margin: float = 0.0) -> IntraStep:
+        """The step InterCLR builds on: `bank` is InterCLR's clustered bank, `inter` its request
+        (None during the warm-up), `margin` the intra branch's MarginNCE m. Bases implement it;
+        other methods cannot be an InterCLR base."""
+        raise NotImplementedError(f"{type(self).__name__} is not an InterCLR base")
 
 
 def single_ids(batch: dict) -> torch.Tensor:

@@ -1,39 +1,45 @@
 """MoCo-v2 (Chen et al., 2020b; InterCLR Sect. 5.1.2): query encoder + MLP head, a momentum key
 encoder (m 0.999), a queue of K = 65,536 keys, InfoNCE with τ 0.2 (Eq. 1 with the queue as
-negatives), symmetric over the two views as in mmselfsup's MoCo-v2 configs when `symmetric`."""
+negatives), symmetric over the two views as in mmselfsup's MoCo-v2 configs when `symmetric`.
+Keys are computed with shuffle BN (facebookresearch/moco `builder.py`; `models.momentum.shuffled_forward`):
+across DDP workers, or on one worker in `bn_splits` sub-batches (queries too), so a query's BN batch
+never is its key's."""
 from __future__ import annotations
 
 import torch
 
 from losses import info_nce
 from models.heads import ProjectionHead
-from models.method import Method
-from models.momentum import MoCoQueue, momentum_copy
+from models.method import InterQuery, IntraStep, Method
+from models.momentum import BN_SPLITS, MoCoQueue, QueryKeyEncoders, momentum_copy
 
 
-class MoCo(Method):
+
+class MoCo(QueryKeyEncoders, Method):
     recipe = "two_crop"
     momentum_pairs = (("backbone", "key_backbone"), ("head", "key_head"))
 
     def __init__(self, backbone: torch.nn.Module, embed_dim: int = 128, hidden_dim: int = 2048,
                  temperature: float = 0.2, queue_size: int = 65_536, key_momentum: float = 0.999,
-                 symmetric: bool = False):
+                 symmetric: bool = False, shuffle_bn: bool = True, bn_splits: int = BN_SPLITS):
         super().__init__()
         self.backbone = backbone
         self.head = ProjectionHead(backbone.dim, embed_dim, hidden_dim)
         self.key_backbone, self.key_head = momentum_copy(self.backbone), momentum_copy(self.head)
         self.queue = MoCoQueue(queue_size, embed_dim)
+        self.embed_dim = embed_dim
         self.temperature, self.key_momentum, self.symmetric = temperature, key_momentum, symmetric
+        self.shuffle_bn, self.bn_splits = shuffle_bn, bn_splits
 
     def decay(self, progress: float) -> float:
         return self.key_momentum
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.encode_queries(x)
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
-        return self.key_head(self.key_backbone(x))
+        return self.encode_keys(x)
 
     @torch.no_grad()
     def prime(self, batch: dict) -> None:
@@ -48,13 +54,23 @@ class MoCo(Method):
         """InfoNCE of q against its key and the queue (a copy: the queue is updated in place later)."""
         return info_nce(q, k, self.queue.keys.clone(), self.temperature, margin)
 
-    def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
+    def intra_step(self, batch: dict, bank=None, inter: InterQuery | None = None, margin: float = 0.0) -> IntraStep:
+        """MoCo's loss for view 1's queries against view 2's keys; the bank stores the keys (ω = 1,
+        as mmselfsup's InterCLR-MoCo writes key features)."""
         x1, x2 = self.views(batch)[:2]
         q1, k2 = self.query(x1), self.keys(x2)
-        loss = self.contrast(q1, k2)
+        loss = self.contrast(q1, k2, margin)
         if self.symmetric:
             q2, k1 = self.query(x2), self.keys(x1)
-            loss = (loss + self.contrast(q2, k1)) / 2
+            loss = (loss + self.contrast(q2, k1, margin)) / 2
             self.queue.push(k1)
         self.queue.push(k2)
+        return IntraStep(loss, [q1], k2)
+
+    @torch.no_grad()
+    def bank_features(self, batch: dict) -> list[torch.Tensor]:
+        return [self.keys(self.views(batch)[0])]
+
+    def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
+        loss = self.intra_step(batch).loss
         return {"loss": loss, "intra": loss.detach()}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -45,6 +46,81 @@ def gather_across_workers(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+BN_SPLITS = 8  # one worker with shuffle BN: BN sub-batches, as the 8 GPUs of MoCo's recipe (moco_cifar10_demo)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def forward_in_splits(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                      splits: int) -> torch.Tensor:
+    """`encoder` applied to `splits` contiguous sub-batches of x, so BatchNorm's statistics are those
+    of B/splits rows, as `splits` GPUs would compute them (the SplitBatchNorm of facebookresearch/moco's
+    single-GPU CIFAR demo, `moco_cifar10_demo.ipynb`). Sub-batches keep at least 2 rows."""
+    splits = max(1, min(splits, x.shape[0] // 2))
+    if splits == 1:
+        return encoder(x)
+    return torch.cat([encoder(part) for part in x.chunk(splits)])
+
+
+@torch.no_grad()
+def shuffled_forward(encoder: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, splits: int = 1,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Shuffle BN for a key / target encoder (MoCo, He et al. 2020, Sect. 3.3): a key's BatchNorm
+    statistics come from a sub-batch other than its query's, so the positive cannot be found through
+    the batch statistics the query and its key would share (the "BN shortcut").
+
+    Under DDP (world > 1): facebookresearch/moco `moco/builder.py` `_batch_shuffle_ddp` /
+    `_batch_unshuffle_ddp` — gather the batch, shuffle it by one permutation (rank 0's, broadcast),
+    encode this rank's slice, gather and un-shuffle. One worker: the same with the batch permuted and
+    encoded in `splits` sub-batches (`forward_in_splits`; the queries use the unpermuted splits), as
+    the CIFAR demo's `_batch_shuffle_single_gpu` with SplitBatchNorm. Returns rows in x's order."""
+    world = world_size()
+    if world == 1:
+        order = torch.randperm(x.shape[0], generator=generator).to(x.device)
+        return forward_in_splits(encoder, x[order], splits)[torch.argsort(order)]
+    batch = x.shape[0]
+    everything = gather_across_workers(x)  # [world·B, ...], rank-major
+    order = torch.randperm(everything.shape[0], generator=generator).to(x.device)
+    dist.broadcast(order, src=0)
+    rank = dist.get_rank()
+    mine = encoder(everything[order.view(world, batch)[rank]])
+    restore = torch.argsort(order)
+    return gather_across_workers(mine)[restore.view(world, batch)[rank]]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate `x` [n, ...] of every DDP worker along dim 0, with gradients: the backward of
+    `torch.distributed.nn.functional.all_gather` sums every worker's gradient for this worker's
+    shard (a reduce-scatter, solo-learn's GatherLayer all-reduce + own slice), which DDP's mean
+    then turns into the single-process gradient. Returns the concatenation and the offset of this
+    worker's rows. Every worker must pass the same shape (DistributedSampler with drop_last)."""
+    if world_size() == 1:
+        return x, 0
+    import torch.distributed.nn.functional as dist_nn
+    return torch.cat(dist_nn.all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+
+
+class QueryKeyEncoders:
+    """For methods with a query encoder (`backbone`, `head`) and a momentum key encoder
+    (`key_backbone`, `key_head`) — MoCo, CACR's queue form: queries and keys with shuffle BN
+    (`shuffle_bn`, `bn_splits` attributes; see `shuffled_forward`)."""
+
+    def bn_splits_here(self) -> int:
+        """BN sub-batches on this worker: under DDP the workers are the splits."""
+        return self.bn_splits if self.shuffle_bn and world_size() == 1 else 1
+
+    def encode_queries(self, x: torch.Tensor) -> torch.Tensor:
+        return forward_in_splits(lambda v: self.head(self.backbone(v)), x, self.bn_splits_here())
+
+    @torch.no_grad()
+    def encode_keys(self, x: torch.Tensor) -> torch.Tensor:
+        def encode(v):
+            return self.key_head(self.key_backbone(v))
+        return shuffled_forward(encode, x, self.bn_splits_here()) if self.shuffle_bn else encode(x)
 
 
 class MoCoQueue(nn.Module):

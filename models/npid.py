@@ -8,7 +8,7 @@ import torch
 
 from losses import info_nce_from_logits
 from models.heads import ProjectionHead
-from models.method import BankRequest, Method, single_ids
+from models.method import BankRequest, InterQuery, IntraStep, Method, single_ids
 
 
 class NPID(Method):
@@ -26,13 +26,24 @@ class NPID(Method):
     def bank_requests(self) -> list[BankRequest]:
         return [BankRequest(self.embed_dim, self.bank_momentum, clusters=False)]
 
-    def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
+    def intra_step(self, batch: dict, bank=None, inter: InterQuery | None = None, margin: float = 0.0) -> IntraStep:
+        """Eq. 1 against the bank; with `inter`, the inter branch's positive and negatives come from
+        the same bank query (one round trip per shard: both branches share one similarity pass)."""
         ids = single_ids(batch)
+        bank = self.bank() if bank is None else bank
         q = self.embed(self.views(batch)[0])
-        pos, neg = self.bank().intra(q, ids, self.num_negatives, self.temperature)
-        loss = info_nce_from_logits(pos, neg, self.temperature)
-        self.bank().update(ids, q.detach())
-        return {"loss": loss, "intra": loss.detach()}
+        answer = bank.query(q, ids, intra_negatives=self.num_negatives,
+                            inter_negatives=None if inter is None else inter.num_negatives,
+                            strategy=inter.strategy if inter else "random", temperature=self.temperature,
+                            pool_fraction=inter.pool_fraction if inter else 0.1)
+        loss = info_nce_from_logits(answer.intra_pos, answer.intra_neg, self.temperature, margin)
+        pairs = None if inter is None else [(answer.inter_pos, answer.inter_neg)]
+        return IntraStep(loss, [q], q.detach(), pairs)
+
+    def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
+        step = self.intra_step(batch)
+        self.bank().update(single_ids(batch), step.bank_update)
+        return {"loss": step.loss, "intra": step.loss.detach()}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The 128-D unit embedding the bank stores and the loss contrasts."""

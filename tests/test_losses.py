@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from losses import (align_uniform_loss, byol_loss, cacr_loss, cacr_multiview_loss, cmc_loss,
-                    hard_negative_loss, info_nce, info_nce_from_logits, interclr_loss, nt_xent, patch_nce,
-                    soft_target_cross_entropy)
+                    hard_negative_loss, info_nce, info_nce_from_logits, interclr_loss, nt_xent, nt_xent_global,
+                    patch_nce, soft_target_cross_entropy)
 
 
 def t(*rows):
@@ -62,6 +62,32 @@ def test_cacr_hand_value():
     ca = (2 * math.exp(2) + 4 * math.exp(4)) / (math.exp(2) + math.exp(4))
     cr = -(0.8 * math.exp(-1.6) + 4 * math.exp(-8)) / (math.exp(-1.6) + math.exp(-8))
     assert cacr_loss(q, pos, neg, t_pos=1.0, t_neg=2.0).item() == pytest.approx(ca + cr)
+
+
+def test_cacr_intra_batch_hand_value_the_other_query_joins_the_queue_softmax():
+    # queries e0, e1, each its own positive (CA = 0); queue {(-1, 0)}; t⁻ = 1.
+    # query e0: queue cost 4, other query cost 2; query e1: queue cost 2, other query cost 2
+    q, queue = t([1, 0], [0, 1]), t([-1, 0])
+    cr0 = -(4 * math.exp(-4) + 2 * math.exp(-2)) / (math.exp(-4) + math.exp(-2))
+    loss = cacr_loss(q, q.unsqueeze(1), queue, t_neg=1.0, intra_batch=True)
+    assert loss.item() == pytest.approx((cr0 - 2) / 2)
+    assert cacr_loss(q, q.unsqueeze(1), queue, t_neg=1.0).item() == pytest.approx((-4 - 2) / 2)
+
+
+@pytest.mark.parametrize("samples", [3, 5])
+def test_cacr_multiview_hand_value_each_query_sees_the_m_minus_1_other_samples_of_the_later_view(samples):
+    # view a = e0 for every sample, view b = (e0, e1, ..., e_{M-1}); t⁺ = t⁻ = 1.
+    # Attraction, both ways: costs 0, 2, ..., 2. Repulsion (query a_i, negatives b_j, j ≠ i, one
+    # softmax over M-1): a_0 sees M-1 negatives at cost 2; a_i, i ≥ 1, sees b_0 at cost 0 and M-2
+    # at cost 2. Neither b_i nor view a's duplicates of a_i (cost 0) are negatives.
+    a = torch.zeros(samples, samples, dtype=torch.float64)
+    a[:, 0] = 1.0
+    b = torch.eye(samples, dtype=torch.float64)
+    attraction = 2 * (samples - 1) / samples
+    others = samples - 2
+    repulsion = (-2 - (samples - 1) * 2 * others * math.exp(-2) / (1 + others * math.exp(-2))) / samples
+    loss = cacr_multiview_loss([a, b], t_pos=1.0, t_neg=1.0)
+    assert loss.item() == pytest.approx(attraction + repulsion)
 
 
 def test_align_uniform_hand_value():
@@ -173,6 +199,22 @@ def test_hard_negative_with_beta_zero_and_tau_plus_zero_equals_nt_xent():
         nt_xent(z1, z2, temperature=0.5).item())
 
 
+def test_nt_xent_global_mean_over_shards_is_the_whole_batch_loss_and_gradient():
+    # each shard's anchors against the whole batch; the whole batch reached through the same
+    # tensors, so autograd sums the shards' gradients as the distributed gather's backward does
+    g = torch.Generator().manual_seed(12)
+    z1 = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    whole = nt_xent(z1, z2, temperature=0.5)
+    shards = [nt_xent_global(z1[i:i + 2], z2[i:i + 2], z1, z2, offset=i, temperature=0.5) for i in (0, 2, 4)]
+    mean = torch.stack(shards).mean()
+    assert mean.item() == pytest.approx(whole.item())
+    assert abs(shards[0].item() - whole.item()) > 1e-3  # one shard alone is not the whole batch
+    grads = torch.autograd.grad(mean, (z1, z2))
+    expected = torch.autograd.grad(whole, (z1, z2))
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, expected))
+
+
 def test_cacr_with_one_positive_has_attraction_weight_one():
     g = torch.Generator().manual_seed(5)
     q, p, neg = torch.randn(3, 4, generator=g), torch.randn(3, 1, 4, generator=g), torch.randn(7, 4, generator=g)
@@ -195,18 +237,87 @@ def test_cacr_detached_weights_same_value_different_gradient():
     assert not torch.allclose(grad_a, grad_b)
 
 
-def test_cacr_multiview_with_two_views_equals_the_pairwise_form():
+def reference_cacr_multiview(views: list[torch.Tensor], t_pos: float, t_neg: float) -> float:
+    """Eq. 5 and the official `our_loss1` / `our_loss2` as plain loops over views, pairs and samples."""
+    rows = [[torch.nn.functional.normalize(row, dim=0).tolist() for row in v] for v in views]
+    samples, num_views = len(rows[0]), len(rows)
+
+    def cost(u, v):
+        return sum((x - y) ** 2 for x, y in zip(u, v))
+
+    def expected_cost(costs, t):  # Σ_k softmax_k(t·c_k)·c_k
+        weights = [math.exp(t * c) for c in costs]
+        return sum(w * c for w, c in zip(weights, costs)) / sum(weights)
+
+    attraction = sum(expected_cost([cost(rows[v][i], rows[w][i]) for w in range(num_views) if w != v], t_pos)
+                     for v in range(num_views) for i in range(samples)) / (num_views * samples)
+    pairs = [(x, y) for x in range(num_views) for y in range(x + 1, num_views)]
+    repulsion = -sum(expected_cost([cost(rows[x][i], rows[y][j]) for j in range(samples) if j != i], -t_neg)
+                     for x, y in pairs for i in range(samples)) / (len(pairs) * samples)
+    return attraction + repulsion
+
+
+def test_cacr_multiview_matches_a_loop_over_views_pairs_and_samples():
     g = torch.Generator().manual_seed(7)
-    a, b = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    views = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(3)]  # M = 3, K = 2, D = 4
+    assert cacr_multiview_loss(views, 1.0, 2.0).item() == pytest.approx(reference_cacr_multiview(views, 1.0, 2.0))
+    two = views[:2]
+    assert cacr_multiview_loss(two, 0.5, 3.0).item() == pytest.approx(reference_cacr_multiview(two, 0.5, 3.0))
 
-    def pairwise(query_view, other_view):
-        # negatives of sample i: every view of every other sample, built with plain loops
-        negatives = torch.stack([torch.stack([v[j] for j in range(4) if j != i for v in (a, b)])
-                                 for i in range(4)])
-        return cacr_loss(query_view, other_view.unsqueeze(1), negatives, 1.0, 2.0)
 
-    expected = (pairwise(a, b) + pairwise(b, a)) / 2
-    assert cacr_multiview_loss([a, b], 1.0, 2.0).item() == pytest.approx(expected.item())
+def reference_cacr_queue(q, positives, queue, t_pos, t_neg, detach_queue_weights):
+    """App. C.2 / official `MoCo.forward`, one query at a time: positive weights without gradient;
+    negatives = the queue and the other queries of the batch, one softmax."""
+    qn, pn, kn = (torch.nn.functional.normalize(x, dim=-1) for x in (q, positives, queue))
+    total = 0.0
+    for i in range(q.shape[0]):
+        pos_costs = torch.stack([(qn[i] - p).pow(2).sum() for p in pn[i]])
+        attraction = (torch.softmax(t_pos * pos_costs, 0).detach() * pos_costs).sum()
+        queue_costs = [(qn[i] - k).pow(2).sum() for k in kn]
+        batch_costs = [(qn[i] - qn[j]).pow(2).sum() for j in range(q.shape[0]) if j != i]
+        costs = torch.stack(queue_costs + batch_costs)
+        for_weights = torch.stack([c.detach() if detach_queue_weights else c for c in queue_costs] + batch_costs)
+        repulsion = -(torch.softmax(-t_neg * for_weights, 0) * costs).sum()
+        total = total + attraction + repulsion
+    return total / q.shape[0]
+
+
+@pytest.mark.parametrize("detach_queue_weights", [True, False])
+def test_cacr_queue_form_with_intra_batch_matches_a_loop_implementation(detach_queue_weights):
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)  # B = 3, D = 4
+    positives = torch.randn(3, 2, 4, generator=g, dtype=torch.float64)  # K = 2 keys
+    queue = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    loss = cacr_loss(q, positives, queue, 1.0, 2.0, detach_weights=True, intra_batch=True,
+                     detach_negative_weights=detach_queue_weights)
+    expected = reference_cacr_queue(q, positives, queue, 1.0, 2.0, detach_queue_weights)
+    assert loss.item() == pytest.approx(expected.item())
+    (grad,) = torch.autograd.grad(loss, q)
+    (expected_grad,) = torch.autograd.grad(expected, q)
+    assert torch.allclose(grad, expected_grad, atol=1e-12)
+
+
+def test_cacr_intra_batch_is_the_other_queries_appended_to_the_negatives():
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    positives = torch.randn(3, 2, 4, generator=g, dtype=torch.float64)
+    queue = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    others = torch.stack([torch.stack([q[j] for j in range(3) if j != i]) for i in range(3)])  # [B, B-1, D]
+    explicit = cacr_loss(q, positives, torch.cat([queue.expand(3, -1, -1), others], dim=1))  # [B, 5 + 2, D]
+    with_intra = cacr_loss(q, positives, queue, intra_batch=True)
+    assert with_intra.item() == pytest.approx(explicit.item())
+    assert torch.allclose(torch.autograd.grad(with_intra, q)[0], torch.autograd.grad(explicit, q)[0], atol=1e-12)
+    assert cacr_loss(q, positives, queue).item() != pytest.approx(with_intra.item())
+
+
+def test_cacr_detached_negative_weights_same_value_different_gradient():
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(3, 4, generator=g, requires_grad=True)
+    positives, queue = torch.randn(3, 2, 4, generator=g), torch.randn(5, 4, generator=g)
+    a = cacr_loss(q, positives, queue, intra_batch=True)
+    b = cacr_loss(q, positives, queue, intra_batch=True, detach_negative_weights=True)
+    assert a.item() == pytest.approx(b.item())
+    assert not torch.allclose(torch.autograd.grad(a, q)[0], torch.autograd.grad(b, q)[0])
 
 
 # --- limits ---------------------------------------------------------------------------------------
@@ -256,6 +367,7 @@ def all_losses(x: list[torch.Tensor], temperature: float = 0.1):
         "cmc_full_bank": lambda: cmc_loss([a, b], temperature, "full",
                                           negatives=[c.unsqueeze(0).expand(batch, -1, -1), c]),
         "cacr": lambda: cacr_loss(a, torch.stack([b, c], dim=1), c),
+        "cacr_intra_batch": lambda: cacr_loss(a, torch.stack([b, c], dim=1), c, intra_batch=True),
         "cacr_multiview": lambda: cacr_multiview_loss([a, b, c]),
         "align_uniform": lambda: align_uniform_loss(a, b),
         "hard_negative": lambda: hard_negative_loss(a, b, temperature),
@@ -310,7 +422,10 @@ def test_stable_at_temperature_0_01_with_similarities_near_one(name):
     (lambda: info_nce(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(5, 3)), "same shape"),
     (lambda: info_nce(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3, 5, 3)), "per-sample negatives"),
     (lambda: info_nce(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(5, 3), temperature=0), "temperature"),
+    (lambda: nt_xent_global(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(4, 3), 3),
+     "rows of the global"),
     (lambda: cmc_loss([torch.zeros(2, 3)]), "at least 2 views"),
+    (lambda: cacr_multiview_loss([torch.zeros(1, 3)] * 2), "at least 2 samples"),
     (lambda: cmc_loss([torch.zeros(2, 3)] * 2, paradigm="ring"), "paradigm"),
     (lambda: hard_negative_loss(torch.zeros(2, 3), torch.zeros(2, 3), tau_plus=1.0), "tau_plus"),
 ])

@@ -5,6 +5,10 @@
     for batch in loader:   # {"views": [K × float NCHW], "index": int64 [B], "label": int64 [B]}
         ...
 
+ImCLR recipes (`imclr(n)`, concat = n) give rows of n distinct samples side by side (views
+[B, 3, H, n·W]), "index" int64 [B, n] (part j's sample id) and "label" float [B, C], the mean of the
+n one-hot labels; the pairing is drawn inside each DALI batch (`pipeline.views.imclr_parts`).
+
 Reads `fn.readers.webdataset` with the DALI index files listed in `OUT/<split>.json`, shards by
 global rank (`shard_id=rank`, `num_shards=world_size`, the same split DALI documents: rank r
 reads samples [⌊N·r/w⌋, ⌊N·(r+1)/w⌋)), seeds by global rank, and stops at the epoch end.
@@ -30,7 +34,7 @@ import torch
 from nvidia.dali import fn, pipeline_def
 
 from pipeline.manifest import Manifest
-from pipeline.views import Recipe, recipe_by_name, views_graph
+from pipeline.views import Recipe, concat_parts, imclr_parts, recipe_by_name, views_graph
 
 
 class LoaderError(Exception):
@@ -244,8 +248,9 @@ class DaliLoader:
             raise LoaderError(f"batch_size must be positive, got {batch_size}")
         check_last_batch(drop_last, pad_last)
         self.paths, self.indexes, count = shard_list(root, split)
-        if recipe.concat > 1 and batch_size < 2:
-            raise LoaderError("imclr recipes pair samples within a batch: batch_size must be >= 2")
+        if recipe.concat > 1 and batch_size < recipe.concat:
+            raise LoaderError(f"{recipe.name} rows take {recipe.concat} distinct samples of a batch: "
+                              f"batch_size must be >= {recipe.concat}, got {batch_size}")
         self.num_classes = len(Manifest(root, split).classes) if recipe.concat > 1 else None
         if raw and recipe.colorspace is not None:
             raise LoaderError(f"raw (uint8) views are RGB only; recipe {recipe.name!r} makes {recipe.colorspace} views")
@@ -281,13 +286,13 @@ class DaliLoader:
                 shard_id=shard_id, num_shards=num_shards, random_shuffle=self.shuffle,
                 initial_fill=self.initial_fill, pad_last_batch=True, stick_to_shard=True,
                 missing_component_behavior="error", seed=seed)
-            views, labels, ids = views_graph(encoded, recipe, device, self.raw), [label], [sample_id]
-            for _ in range(recipe.concat - 1):  # ImCLR: a random partner per row, never itself
-                partner = fn.batch_permutation(no_fixed_points=True)
-                views = [fn.cat(v, fn.permute_batch(v, indices=partner), axis=2) for v in views]
-                labels.append(fn.permute_batch(label, indices=partner))
-                ids.append(fn.permute_batch(sample_id, indices=partner))
-            return (*views, *labels, *ids)
+            views = views_graph(encoded, recipe, device, self.raw)
+            if recipe.concat == 1:
+                return (*views, label, sample_id)
+            parts = imclr_parts(recipe.concat, self.batch_size)  # the reader pads: every batch is full
+            labels = [fn.permute_batch(label, indices=part) for part in parts]
+            ids = [fn.permute_batch(sample_id, indices=part) for part in parts]
+            return (*concat_parts(views, parts), *labels, *ids, parts[0])
 
         self.pipe = graph()
         self.pipe.build()
@@ -326,9 +331,15 @@ class DaliLoader:
     def _run(self, take: int) -> dict:
         outputs = self.pipe.run()
         n, k = self.recipe.concat, self.recipe.num_views
-        views = [_to_torch(out)[:take] for out in outputs[:k]]
-        labels = torch.tensor([[_number(outputs[k + j][i]) for j in range(n)] for i in range(take)])
-        index = torch.tensor([[_number(outputs[k + n + j][i]) for j in range(n)] for i in range(take)])
+        views, rows = [_to_torch(out)[:take] for out in outputs[:k]], list(range(take))
+        if n > 1 and take < self.batch_size:
+            # the reader padded this batch and ImCLR rows come in a random order: keep the rows that
+            # start with one of its `take` real samples, in reader order (once an epoch: a second copy)
+            order = np.array(outputs[k + 2 * n].as_array()).reshape(-1)  # reader position of each row's part 0
+            rows = np.argsort(order)[:take].tolist()
+            views = [_to_torch(out)[rows] for out in outputs[:k]]
+        labels = torch.tensor([[_number(outputs[k + j][i]) for j in range(n)] for i in rows])
+        index = torch.tensor([[_number(outputs[k + n + j][i]) for j in range(n)] for i in rows])
         if n == 1:
             return {"views": views, "index": index[:, 0], "label": labels[:, 0]}
         soft = torch.nn.functional.one_hot(labels, self.num_classes).float().mean(dim=1)  # ImCLR: mean one-hot

@@ -70,8 +70,15 @@ def two_crop(size: int = 224) -> Recipe:
 
 
 def one_crop(size: int = 224) -> Recipe:
-    """One MoCo-v2 view (NPIDv2, supervised training)."""
+    """One MoCo-v2 view (NPIDv2)."""
     return Recipe("one_crop", (ViewSpec(size, p_blur=small_image_blur(size)),))
+
+
+def supervised(size: int = 224) -> Recipe:
+    """The standard supervised augmentation, one view: RandomResizedCrop (scale 0.08–1, ratio 3/4–4/3)
+    and a horizontal flip, no colour jitter, grayscale or blur (ImCLR's base: the supervised pipeline
+    it leaves unchanged)."""
+    return Recipe("supervised", (ViewSpec(size, scale=(0.08, 1.0), p_jitter=0.0, p_gray=0.0, p_blur=0.0),))
 
 
 def k_views(k: int, size: int = 224) -> Recipe:
@@ -105,13 +112,35 @@ def multi_crop(global_n: int = 2, global_size: int = 224, local_n: int = 6, loca
 
 
 def imclr(n: int = 2, base: Recipe | None = None) -> Recipe:
-    """ImCLR (000_*.txt): each input is `n` samples, each augmented by `base` (default two_crop),
-    concatenated along the width (3×H×nW); the label is the mean of their one-hot labels. View v
-    of a row concatenates view v of each of its samples."""
+    """ImCLR (000_*.txt): each input is `n` distinct samples of the batch, each augmented by `base`
+    (default: the supervised one-view recipe at 224 px), side by side along the width (3×H×nW); the
+    label is the mean of their n one-hot labels. With a multi-view base, view v of a row concatenates
+    view v of each of its samples (one pairing for all views). See `imclr_parts` for the pairing."""
     if n < 2:
         raise ValueError(f"imclr needs n >= 2 samples per input, got {n}")
-    base = base or two_crop()
+    base = base or supervised()
+    if base.concat != 1:
+        raise ValueError(f"imclr's base must be a recipe of single images, got {base.name!r}")
     return replace(base, name=f"imclr({n})", concat=n)
+
+
+def imclr_parts(n: int, batch_size: int) -> list:
+    """ImCLR's pairing as DALI per-sample indices into the batch, one index node per part: the batch
+    in a random cyclic order (`fn.batch_permutation`), row k = the n samples from position k on, so
+    part j of row k is sample order[(k + j) mod B]. Each part uses every sample once, part j is part
+    0 moved along a B-cycle by j (no sample is its own partner), and a row's samples are distinct
+    (n ≤ B). Rows come in the random order; part 0 (`order`) lets the loader restore reader order."""
+    if not 2 <= n <= batch_size:
+        raise ValueError(f"imclr rows of {n} samples need 2 <= n <= batch_size ({batch_size})")
+    order = fn.batch_permutation()
+    shifted = [fn.permute_batch(order, indices=[(k + j) % batch_size for k in range(batch_size)])
+               for j in range(1, n)]
+    return [order, *shifted]
+
+
+def concat_parts(views: list, parts: list) -> list:
+    """Each view's rows: the views of the parts' samples, side by side along the width (CHW axis 2)."""
+    return [fn.cat(*[fn.permute_batch(view, indices=part) for part in parts], axis=2) for view in views]
 
 
 def center(size: int = 224, space: str | None = None) -> Recipe:
@@ -120,20 +149,22 @@ def center(size: int = 224, space: str | None = None) -> Recipe:
     return Recipe("center" if space is None else f"center_{space}", (ViewSpec(size, random=False),), colorspace=space)
 
 
-RECIPES = {"two_crop": two_crop, "one_crop": one_crop, "center": center, "center_lab": lambda size=224: center(size, "lab"),
+RECIPES = {"two_crop": two_crop, "one_crop": one_crop, "supervised": supervised, "center": center,
+           "center_lab": lambda size=224: center(size, "lab"),
            "center_ydbdr": lambda size=224: center(size, "ydbdr"), "lab": lambda size=224: cmc("lab", size),
            "ydbdr": lambda size=224: cmc("ydbdr", size)}
 
 
 def recipe_by_name(name: str, size: int = 224) -> Recipe:
-    """A recipe from its config name: two_crop, one_crop, center, lab, ydbdr, multi_crop (global
-    views at `size`, locals at 96/224 of it), k_views(K), imclr / imclr(N) (on two_crop)."""
+    """A recipe from its config name: two_crop, one_crop, supervised, center, lab, ydbdr, multi_crop
+    (global views at `size`, locals at 96/224 of it), k_views(K), imclr / imclr(N) (N samples per
+    input on the supervised recipe; imclr = imclr(2))."""
     if name.startswith("k_views(") and name.endswith(")"):
         return k_views(int(name[len("k_views("):-1]), size)
     if name == "multi_crop":
         return multi_crop(global_size=size, local_size=max(8, round(size * 96 / 224)))
     if name == "imclr" or (name.startswith("imclr(") and name.endswith(")")):
-        return imclr(int(name[len("imclr("):-1]) if name != "imclr" else 2, two_crop(size))
+        return imclr(int(name[len("imclr("):-1]) if name != "imclr" else 2, supervised(size))
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r} (choose from {', '.join(RECIPES)}, multi_crop, k_views(K), "
                          "imclr(N))")

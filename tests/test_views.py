@@ -85,3 +85,43 @@ def test_gpu_graph_differs_only_in_decode_and_op_devices(recipe):
     extra = strip(gpu) - strip(cpu)  # the same operators, plus moving the blur's taps to the GPU
     assert set(extra) <= {"MakeContiguous"}, extra
     assert not strip(cpu) - strip(gpu)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_imclr_parts_are_one_random_cyclic_order_shifted_by_the_part(n):
+    """Part j of row k is sample order[(k + j) mod B]: every part a permutation of the batch, part j
+    ≠ part 0 in every row (a single B-cycle has no fixed point), n distinct samples per row."""
+    batch = 8
+
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=n)
+    def graph():
+        return tuple(views.imclr_parts(n, batch))
+
+    pipe = graph()
+    pipe.build()
+    for _ in range(3):
+        parts = np.stack([np.array(p.as_array()).reshape(-1) for p in pipe.run()])  # [n, B]
+        assert sorted(parts[0]) == list(range(batch))
+        for j in range(1, n):
+            assert np.array_equal(parts[j], np.roll(parts[0], -j))
+        assert all(len(set(parts[:, k])) == n for k in range(batch))
+    with pytest.raises(ValueError, match="batch_size"):
+        views.imclr_parts(5, 4)
+
+
+def test_gpu_graph_builds_imclr_rows_on_the_gpu_from_cpu_indices():
+    """Built as a graph only: the views' PermuteBatch and Cat run on the GPU; the pairing
+    (BatchPermutation and its shifted copies) stays on the CPU, as argument inputs must."""
+    @pipeline_def(batch_size=8, num_threads=1, device_id=0, enable_conditionals=True)
+    def graph():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+        parts = views.imclr_parts(3, 8)
+        return (*views.concat_parts(views.views_graph(encoded, views.imclr(3, views.supervised(28)), "gpu"), parts),
+                parts[0])
+
+    pipe = graph()
+    pipe._build_graph()  # private in DALI 2.4 (pinned); the public build() needs a GPU for GPU ops
+    ops = collections.Counter((op._op.device, getattr(op._op, "schema_name", type(op._op).__name__))
+                              for op in pipe._ops)
+    assert ops[("gpu", "Cat")] == 1 and ops[("gpu", "PermuteBatch")] == 3  # one view, three parts
+    assert ops[("cpu", "BatchPermutation")] == 1 and ops[("cpu", "PermuteBatch")] == 2

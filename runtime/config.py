@@ -34,6 +34,9 @@ class ModelConfig:
     encoder: str = "resnet50"  # resnet18|34|50|101 or alexnet (CMC Table 10)
     width: float = 1.0
     small_images: bool = False  # 3×3 stem, no max-pool, for 28–96 px data
+    shuffle_bn: bool = True  # MoCo / CACR keys: shuffle BN across workers (moco builder.py), sub-batches on one
+    bn_splits: int = 8  # one worker with shuffle_bn: BN sub-batches (moco's CIFAR demo SplitBatchNorm)
+    sync_bn: bool | None = None  # SyncBatchNorm under DDP on GPUs; None: the method's paper (SimCLR, BYOL: yes)
 
 
 @dataclass
@@ -49,14 +52,19 @@ class MethodConfig:
     queue_size: int = 65_536  # MoCo / CACR-MoCo
     key_momentum: float = 0.999  # MoCo key encoder m
     positives: int = 1  # CACR K
+    intra_batch: bool = True  # CACR queue form: the batch's other queries as negatives (official code's default)
+    detach_queue_weights: bool = True  # CACR queue form: the queue's softmax weights without gradient (official code)
+    gather: bool = True  # SimCLR: NT-Xent over the global batch (every worker's embeddings)
     paradigm: str = "core"  # CMC with more than two channel groups
     colorspace: str = "lab"  # CMC: lab|ydbdr
+    imclr: int = 0  # supervised: ImCLR's samples per input, side by side (0: one image per input)
 
 
 @dataclass
 class BankConfig:
     shards: int = 2  # bank actors
     clusters: int = 10_000  # InterCLR: 10× the ImageNet classes
+    min_cluster: int = 20  # online upkeep: smaller clusters dissolved, emptied ones refilled (mmselfsup InterCLR)
     dtype: str = "float32"
     kmeans_iters: int = 10
     init: str = "extract"  # "extract": one pass of the initial encoder over the data; "random": unit noise
@@ -67,10 +75,14 @@ class BankConfig:
 class TrainConfig:
     epochs: int = 200
     max_steps: int | None = None  # stop early (smoke runs); schedules still span `epochs`
-    lr: float = 0.03  # for a global batch of 256, scaled linearly
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    lr_warmup_epochs: int = 0
+    # optimiser: None = the method's paper default (runtime.optim.OPTIMIZER_DEFAULTS), filled in at parse
+    optimizer: str | None = None  # sgd | lars
+    lr: float | None = None  # for a global batch of 256, scaled linearly
+    weight_decay: float | None = None
+    momentum: float | None = None
+    lr_warmup_epochs: int | None = None  # at most a tenth of the epochs (SimCLR: 10 of 100)
+    trust_coefficient: float | None = None  # LARS η
+    exclude_bias_and_norm: bool | None = None  # biases and BN parameters: no weight decay, no LARS adaptation
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -86,6 +98,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     knn_train_samples: int | None = None  # kNN memory from a subset of train (None: all)
     pictures: bool = True
+    pixel_baseline: bool = True  # kNN on mean-centred raw pixels of the same split (off for 224 px presets)
 
 
 @dataclass
@@ -115,14 +128,14 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "b
 
 PRESETS = {
     # InterCLR Sect. 5.1.2: ResNet-50, batch 256 over 4 GPUs, 200 epochs, 10k clusters
-    "imagenet": {"name": "interclr-imagenet", "data.root": "shards/imagenet", "data.batch_size": 64,
+    "imagenet": {"name": "interclr-imagenet", "data.root": "shards/imagenet", "data.batch_size": 64, "eval.pixel_baseline": False,
                  "data.device": "gpu", "train.num_workers": 4, "train.use_gpu": True, "bank.shards": 4},
     # 14.2M images: 1/10 of the epochs (CACR App. C.2); more clusters, fp16 bank on 8 shards
-    "imagenet22k": {"name": "interclr-imagenet22k", "data.root": "shards/imagenet22k", "data.batch_size": 64,
+    "imagenet22k": {"name": "interclr-imagenet22k", "data.root": "shards/imagenet22k", "data.batch_size": 64, "eval.pixel_baseline": False,
                     "data.device": "gpu", "train.num_workers": 8, "train.use_gpu": True, "train.epochs": 20,
                     "bank.shards": 8, "bank.clusters": 50_000, "bank.dtype": "float16"},
     # 2.4M images: 1/2 of the epochs (CACR App. C.2)
-    "webvision": {"name": "interclr-webvision", "data.root": "shards/webvision", "data.batch_size": 64,
+    "webvision": {"name": "interclr-webvision", "data.root": "shards/webvision", "data.batch_size": 64, "eval.pixel_baseline": False,
                   "data.device": "gpu", "train.num_workers": 4, "train.use_gpu": True, "train.epochs": 100,
                   "bank.shards": 4, "bank.clusters": 10_000},
     # Fashion-MNIST (make demo): MoCo-v2-InterCLR (the base that learned fastest here; README's demo
@@ -138,7 +151,9 @@ PRESETS = {
 }
 
 
-_OPTIONAL_TYPES = {"data.min_crop_scale": float, "train.max_steps": int, "train.torch_threads": int,
+_OPTIONAL_TYPES = {"train.optimizer": str, "train.lr": float, "train.weight_decay": float, "train.momentum": float,
+                   "train.lr_warmup_epochs": int, "train.trust_coefficient": float,
+                   "train.exclude_bias_and_norm": bool, "data.min_crop_scale": float, "train.max_steps": int, "train.torch_threads": int, "model.sync_bn": bool,
                    "method.temperature": float, "eval.knn_train_samples": int}
 
 
@@ -171,6 +186,18 @@ def apply_overrides(config: JobConfig, overrides: dict) -> JobConfig:
     return config
 
 
+def resolve_optimizer(config: JobConfig) -> JobConfig:
+    """Fill the optimiser fields left None with the method's paper defaults (runtime.optim)."""
+    from runtime.optim import optimizer_defaults
+    defaults = optimizer_defaults(config.method.name, config.method.base)
+    defaults["lr_warmup_epochs"] = defaults.pop("warmup_epochs")
+    defaults.setdefault("trust_coefficient", 0.001)
+    for key, value in defaults.items():
+        if getattr(config.train, key) is None:
+            setattr(config.train, key, value)
+    return config
+
+
 def validate(config: JobConfig) -> JobConfig:
     from bank.shard import STRATEGIES
     from models.encoders import ENCODERS
@@ -185,12 +212,16 @@ def validate(config: JobConfig) -> JobConfig:
         (config.method.base in BASES,
          f"--base must be {', '.join(BASES[:-1])} or {BASES[-1]}, got {config.method.base!r}"),
         (config.method.strategy in STRATEGIES, f"unknown method.strategy {config.method.strategy!r}"),
+        (config.method.imclr == 0 or config.method.imclr >= 2,
+         f"method.imclr (--imclr) is 0 (plain supervised) or the samples per input, >= 2; got {config.method.imclr}"),
         (config.bank.init in ("extract", "random"), f"bank.init must be extract or random, got {config.bank.init!r}"),
         (config.data.min_crop_scale is None or 0 < config.data.min_crop_scale <= 1,
          f"data.min_crop_scale must be in (0, 1], got {config.data.min_crop_scale}"),
         (config.train.epochs > 0, f"train.epochs must be positive, got {config.train.epochs}"),
         (config.train.num_workers > 0, f"train.num_workers must be positive, got {config.train.num_workers}"),
-        (config.train.lr > 0, f"train.lr must be positive, got {config.train.lr}"),
+        (config.train.lr is None or config.train.lr > 0, f"train.lr must be positive, got {config.train.lr}"),
+        (config.train.optimizer in (None, "sgd", "lars"),
+         f"train.optimizer must be sgd or lars, got {config.train.optimizer!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -240,7 +271,11 @@ def parse_args(argv: list[str] | None, method: str = "interclr", default_preset:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         overrides[key.strip()] = value.strip()
-    return validate(apply_overrides(config, overrides)), args
+    from models.interclr import BASES
+    config = apply_overrides(config, overrides)
+    if config.method.name in METHOD_NAMES and config.method.base in BASES:  # else validate says which is unknown
+        resolve_optimizer(config)
+    return validate(config), args
 
 
 def print_config(config: JobConfig, stream=None) -> None:

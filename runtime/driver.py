@@ -67,7 +67,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
                 num_samples, request.dim, num_shards=config.bank.shards,
                 num_clusters=config.bank.clusters if request.clusters else 1, momentum=request.momentum,
                 seed=config.train.seed, dtype=config.bank.dtype, snapshot_root=str(run_dir / f"bank-{i}"),
-                true_labels=labels if request.clusters else None,
+                true_labels=labels if request.clusters else None, min_cluster=config.bank.min_cluster,
                 actor_options={"num_gpus": config.bank.gpus_per_shard, "scheduling_strategy": "SPREAD"}))
         if config.data.loaders:
             loaders = [create_loader_actors(config.data.root, training_recipe(probe, config),
@@ -102,7 +102,8 @@ def run(config: JobConfig, address: str | None = None) -> dict:
     rate, wait = summary.get("img_per_s"), summary.get("data_wait_fraction")
     print(f"img/s {rate if rate is not None else float('nan'):.1f} | data-wait "
           f"{wait if wait is not None else float('nan'):.1%} | wall {summary['wall_seconds']:.0f} s")
-    print(f"kNN top-1: trained {summary['knn_top1']:.3f} | random init {summary['knn_top1_random_init']:.3f}")
+    pixels = f" | pixels {summary['knn_top1_pixels']:.3f}" if "knn_top1_pixels" in summary else ""
+    print(f"kNN top-1: trained {summary['knn_top1']:.3f} | random init {summary['knn_top1_random_init']:.3f}{pixels}")
     return summary
 
 
@@ -119,10 +120,13 @@ def throughput(metrics_path: Path) -> dict:
 
 def evaluate(config: JobConfig, checkpoint, run_dir: Path, banks, classes) -> dict:
     """kNN top-1 of the trained backbone and of the same architecture at random init, on the val
-    split; pictures; bank stats."""
+    split; a supervised model's classifier top-1 on the whole val split; pictures; bank stats."""
     import torch
 
+    from models.supervised import Supervised, classifier_top1
+    from pipeline.loader import build_loader
     from pipeline.manifest import Manifest
+    from pipeline.views import center
     from runtime import evaluate as ev
     from runtime.build import build_method
     from runtime.train import bank_metrics
@@ -146,6 +150,17 @@ def evaluate(config: JobConfig, checkpoint, run_dir: Path, banks, classes) -> di
         results[key] = ev.knn_top1(train_f, train_y, val_f, val_y, e.knn_k, e.knn_temperature)
         features[name] = (train_f, train_ids, val_f, val_y, val_ids)
         print(f"kNN ({name}): {results[key]:.4f} on {len(val_y)} val images, {len(train_y)} train", flush=True)
+    if e.pixel_baseline:
+        results["knn_top1_pixels"] = ev.pixel_knn_top1(d.root, d.train_split, d.val_split, d.image_size, space,
+                                                       e.knn_k, e.knn_temperature, limit=e.knn_train_samples)
+        print(f"kNN (pixels): {results['knn_top1_pixels']:.4f} (mean-centred pixels of the same split)", flush=True)
+    if isinstance(trained, Supervised):
+        # ImCLR at test time: the poster (000_*.txt) adds no test-time construction ("no change to the
+        # existing pipeline"), so val images go in as the baseline's do: one centre view each, never
+        # concatenated (the ResNet pools globally: the weights trained on nW-wide rows take W-wide images)
+        val = build_loader(d.root, center(d.image_size, space), 256, split=d.val_split, shuffle=False, initial_fill=1)
+        results["val_top1"] = classifier_top1(trained, val)
+        print(f"val top-1: {results['val_top1']:.4f}", flush=True)
     results["feature_std"] = float(features["trained"][2].std(axis=0).mean())
     results.update(bank_metrics(banks))
     if e.pictures:

@@ -18,16 +18,17 @@ from pipeline.views import center
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, root, split: str, size: int, colorspace: str | None = None,
                      batch_size: int = 256, limit: int | None = None, device: str = "cpu",
-                     num_threads: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(L2-normalised features [N, D], labels [N], ids [N]) of the first `limit` samples of a split
-    in shard order (the shards are already globally shuffled)."""
+                     num_threads: int = 2, normalize: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features [N, D], L2-normalised unless `normalize=False`, labels [N], ids [N]) of the first
+    `limit` samples of a split in shard order (the shards are already globally shuffled)."""
     backbone.eval()
     loader = build_loader(root, center(size, colorspace), batch_size, shuffle=False, split=split,
                           num_threads=num_threads, initial_fill=1)
     feats, labels, ids = [], [], []
     seen = 0
     for batch in loader:
-        feats.append(torch.nn.functional.normalize(backbone(batch["views"][0].to(device)).float(), dim=1).cpu())
+        out = backbone(batch["views"][0].to(device)).float()
+        feats.append((torch.nn.functional.normalize(out, dim=1) if normalize else out).cpu())
         labels.append(batch["label"])
         ids.append(batch["index"])
         seen += len(batch["index"])
@@ -51,6 +52,21 @@ def knn_top1(train_feats: np.ndarray, train_labels: np.ndarray, val_feats: np.nd
         votes = torch.zeros(len(query), num_classes).scatter_add_(1, train_y[neighbours], (sims / temperature).exp())
         correct += int((votes.argmax(1).numpy() == val_labels[start:start + chunk]).sum())
     return correct / len(val_feats)
+
+
+def pixel_knn_top1(root, train_split: str, val_split: str, size: int, colorspace: str | None = None, k: int = 20,
+                   temperature: float = 0.07, limit: int | None = None) -> float:
+    """The no-model baseline: the same weighted kNN on the centre views' pixels, centred by the train
+    split's mean image (cosine of raw pixels is dominated by the shared mean; centring is the
+    fairer, stronger baseline: Fashion-MNIST 20k/10k 0.838 centred vs 0.819 raw)."""
+    flat = torch.nn.Flatten()
+    train_x, train_y, _ = extract_features(flat, root, train_split, size, colorspace, limit=limit, normalize=False)
+    val_x, val_y, _ = extract_features(flat, root, val_split, size, colorspace, normalize=False)
+    mean = train_x.mean(axis=0)
+
+    def centred(x: np.ndarray) -> np.ndarray:
+        return torch.nn.functional.normalize(torch.from_numpy(x - mean), dim=1).numpy()
+    return knn_top1(centred(train_x), train_y, centred(val_x), val_y, k, temperature)
 
 
 def read_image(manifest: Manifest, sample_id: int) -> np.ndarray:

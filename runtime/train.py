@@ -6,7 +6,8 @@ worker), "num_samples", "num_classes", "run_dir". Each worker:
   1. builds the method, attaches the banks, wraps it in DDP (gloo on CPU, nccl on GPU);
   2. resumes from `ray.train.get_checkpoint()` (model, optimizer, step; rank 0 restores the banks
      from the snapshot the checkpoint names), or initialises the banks (rank 0 after all ranks wrote);
-  3. trains: SGD, cosine lr, method.after_optimizer_step (EMA) after each step; InterCLR k-means at
+  3. trains: the method's optimiser (SGD or LARS, runtime.optim), warm-up and cosine lr,
+     method.after_optimizer_step (EMA) after each step; InterCLR k-means at
      the end of its warm-up; checkpoints every `checkpoint_every` steps and at every epoch end.
 Rank 0 writes metrics.jsonl + TensorBoard and prints one progress line per interval.
 """
@@ -29,8 +30,9 @@ import torch.distributed as dist
 
 from pipeline.actors import ActorLoader
 from pipeline.loader import build_loader
-from runtime.build import build_method, training_recipe
+from runtime.build import build_method, training_recipe, uses_sync_bn
 from runtime.config import JobConfig
+from runtime.optim import build_optimizer
 
 PROGRESS_SECONDS = 10.0
 CHECKPOINTS_KEPT = 2  # Ray Train checkpoints kept (CheckpointConfig.num_to_keep)
@@ -43,10 +45,11 @@ def barrier() -> None:
 
 
 def learning_rate(config: JobConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Linear scaling (lr per 256 images), linear warm-up, then cosine decay to 0."""
+    """Linear scaling (lr per 256 images), linear warm-up (at most a tenth of the schedule), then
+    cosine decay to 0."""
     t = config.train
     base = t.lr * config.data.batch_size * t.num_workers / 256
-    warmup = t.lr_warmup_epochs * steps_per_epoch
+    warmup = min(t.lr_warmup_epochs * steps_per_epoch, total_steps // 10)
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
@@ -151,11 +154,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device() if config.train.use_gpu else torch.device("cpu")
     method = build_method(config, loop_config.get("num_classes")).attach_banks(banks).to(device)
     model = method
+    if world > 1 and uses_sync_bn(config):
+        if not config.train.use_gpu:  # torch's SyncBatchNorm runs on GPUs only
+            if rank == 0:
+                print("note: model.sync_bn needs GPUs; BN statistics stay per worker on CPU", flush=True)
+        else:
+            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            model = method
     if world > 1:
         model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"broadcast_buffers": False})
-    params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=config.train.lr, momentum=config.train.momentum,
-                                weight_decay=config.train.weight_decay)
+    t = config.train
+    optimizer = build_optimizer(method, t.optimizer, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum,
+                                trust_coefficient=t.trust_coefficient, exclude_bias_and_norm=t.exclude_bias_and_norm)
     actors = loop_config["loaders"][rank] if loop_config.get("loaders") else None
     batches = Batches(config, training_recipe(method, config), rank, world, actors, device)
     loaders_per_rank = len(actors) if actors else 1

@@ -182,6 +182,43 @@ def test_moco_learns_and_its_key_encoder_is_the_ema():
     assert_target_is_ema(method, "backbone", "key_backbone", 0.999, lambda: one_step(method, batch))
 
 
+# --- shuffle BN (MoCo's key encoder) ----------------------------------------------------------------------
+
+def bn_by_hand(x: torch.Tensor, rows: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """BatchNorm (training mode, no affine) of x[rows] computed with the statistics of x[rows]."""
+    part = x[rows]
+    return (part - part.mean(0)) / torch.sqrt(part.var(0, unbiased=False) + eps)
+
+
+def test_shuffle_bn_normalises_each_key_with_a_shuffled_sub_batch_not_its_queries():
+    from models.momentum import forward_in_splits, shuffled_forward
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    bn = torch.nn.BatchNorm1d(3, affine=False)
+    queries = forward_in_splits(bn, x, 4)
+    for chunk in torch.arange(16).view(4, 4):  # queries: contiguous sub-batches of 4
+        torch.testing.assert_close(queries[chunk], bn_by_hand(x, chunk))
+    keys = shuffled_forward(bn, x, 4, generator=torch.Generator().manual_seed(1))
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(1))  # the same draw
+    for group in order.view(4, 4):
+        torch.testing.assert_close(keys[group], bn_by_hand(x, group))
+        for i in group:  # a key's BN batch is never its query's
+            assert set(group.tolist()) != set(range(int(i) // 4 * 4, int(i) // 4 * 4 + 4))
+    torch.testing.assert_close(forward_in_splits(bn, x, 1), bn_by_hand(x, torch.arange(16)))
+
+
+def test_moco_query_bn_batch_is_its_sub_batch_without_shuffle_bn_the_whole_batch():
+    """With shuffle BN on one worker, changing a sample of another sub-batch leaves a query
+    unchanged (its BN statistics are its own sub-batch's); without it, the whole batch is one BN batch."""
+    torch.manual_seed(0)
+    batch = batch_of(2)
+    changed = copy.deepcopy(batch)
+    changed["views"][0][7] += 5.0  # a sample of the second sub-batch of 4
+    for shuffle_bn, same in ((True, True), (False, False)):
+        method = MoCo(tiny_backbone(), hidden_dim=64, queue_size=32, shuffle_bn=shuffle_bn, bn_splits=2)
+        q, q_changed = method.query(batch["views"][0]), method.query(changed["views"][0])
+        assert torch.allclose(q[:4], q_changed[:4], atol=1e-6) == same
+
+
 def test_byol_learns_and_its_target_follows_the_schedule():
     torch.manual_seed(0)
     method = BYOL(tiny_backbone(), embed_dim=32, hidden_dim=64)
@@ -331,8 +368,10 @@ def test_byol_and_simclr_embeddings_do_not_collapse_on_fashion_mnist(tmp_path):
     from pipeline.views import center, two_crop
     convert("fashion-mnist", datasets.FASHION_MNIST_DIR, tmp_path, "train", limit=1024, workers=1, log=lambda m: None)
     loader = build_loader(tmp_path, two_crop(28), 64, num_threads=1, drop_last=True)
-    for method in (BYOL(tiny_backbone(), embed_dim=64, hidden_dim=128), SimCLR(tiny_backbone(), hidden_dim=128)):
-        torch.manual_seed(0)
+    for make in (lambda: BYOL(tiny_backbone(), embed_dim=64, hidden_dim=128),
+                 lambda: SimCLR(tiny_backbone(), hidden_dim=128)):
+        torch.manual_seed(0)  # before the weights are drawn: the run must not depend on earlier tests
+        method = make()
         optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
         for step, batch in enumerate(loader):
             method.training_step(batch, step / len(loader))["loss"].backward()
@@ -366,7 +405,9 @@ def test_moco_keeps_queries_apart_when_its_queue_starts_with_real_keys(tmp_path)
         batches = iter(loader)
         if primed:
             first = next(batches)
+            torch.manual_seed(1)  # the same shuffle-BN permutation for the queue and the recomputed keys
             method.prime(first)
+            torch.manual_seed(1)
             torch.testing.assert_close(method.queue.keys[:128], method.keys(first["views"][1]))
             for _ in range(7):
                 method.prime(next(batches))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make demo: Fashion-MNIST shards (converted once), a local Ray head, the InterCLR demo job submitted
-# with `ray job submit`, and the Ray head stopped again whatever happens.
+# with `ray job submit`, and that Ray head (only it) stopped again whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -23,10 +23,20 @@ fi
 
 # every make demo is a fresh run (the same name would resume the last one's checkpoint)
 rm -rf runs/demo
-# Ray 2.60 requires a token for `ray job submit` unless auth is disabled for both start and submit.
-export RAY_AUTH_MODE=disabled
-"$RAY" start --head --port="$PORT" --dashboard-port="$DASHBOARD" --disable-usage-stats >/dev/null
-trap '"$RAY" stop --force >/dev/null 2>&1 || true' EXIT
+# Ray 2.60 token authentication stays on: both `ray start` and `ray job submit` need the mode set.
+export RAY_AUTH_MODE=token
+# The head gets its own temp dir (short: Ray's socket paths must fit 107 bytes); on exit only the
+# processes of that head are stopped (`ray stop` would stop every Ray on the machine).
+RAY_TMP=$(mktemp -d /tmp/vbdemo-XXXXXX)
+stop_own_ray() {
+  pkill -TERM -f -- "$RAY_TMP" 2>/dev/null || true
+  sleep 2
+  pkill -KILL -f -- "$RAY_TMP" 2>/dev/null || true
+  rm -rf "$RAY_TMP"
+}
+trap stop_own_ray EXIT
+"$RAY" start --head --port="$PORT" --dashboard-port="$DASHBOARD" --temp-dir="$RAY_TMP" \
+  --disable-usage-stats >/dev/null
 # The dashboard's job agent comes up a few seconds after `ray start`; retry only that refusal.
 LOG=$(mktemp)
 for attempt in $(seq 1 30); do

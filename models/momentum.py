@@ -49,6 +49,7 @@ def gather_across_workers(x: torch.Tensor) -> torch.Tensor:
 
 
 BN_SPLITS = 8  # one worker with shuffle BN: BN sub-batches, as the 8 GPUs of MoCo's recipe (moco_cifar10_demo)
+MIN_SPLIT_ROWS = 32  # ... of at least the reference's 32 rows per GPU (256 over 8): BN of fewer rows is noise
 
 
 def world_size() -> int:
@@ -109,18 +110,23 @@ class QueryKeyEncoders:
     (`key_backbone`, `key_head`) — MoCo, CACR's queue form: queries and keys with shuffle BN
     (`shuffle_bn`, `bn_splits` attributes; see `shuffled_forward`)."""
 
-    def bn_splits_here(self) -> int:
-        """BN sub-batches on this worker: under DDP the workers are the splits."""
-        return self.bn_splits if self.shuffle_bn and world_size() == 1 else 1
+    min_split_rows = MIN_SPLIT_ROWS
+
+    def bn_splits_here(self, batch: int) -> int:
+        """BN sub-batches of a batch on this worker: under DDP the workers are the splits; on one,
+        `bn_splits` of at least `min_split_rows` rows each."""
+        if not self.shuffle_bn or world_size() > 1:
+            return 1
+        return max(1, min(self.bn_splits, batch // self.min_split_rows))
 
     def encode_queries(self, x: torch.Tensor) -> torch.Tensor:
-        return forward_in_splits(lambda v: self.head(self.backbone(v)), x, self.bn_splits_here())
+        return forward_in_splits(lambda v: self.head(self.backbone(v)), x, self.bn_splits_here(x.shape[0]))
 
     @torch.no_grad()
     def encode_keys(self, x: torch.Tensor) -> torch.Tensor:
         def encode(v):
             return self.key_head(self.key_backbone(v))
-        return shuffled_forward(encode, x, self.bn_splits_here()) if self.shuffle_bn else encode(x)
+        return shuffled_forward(encode, x, self.bn_splits_here(x.shape[0])) if self.shuffle_bn else encode(x)
 
 
 class MoCoQueue(nn.Module):

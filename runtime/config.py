@@ -35,7 +35,7 @@ class ModelConfig:
     width: float = 1.0
     small_images: bool = False  # 3×3 stem, no max-pool, for 28–96 px data
     shuffle_bn: bool = True  # MoCo / CACR keys: shuffle BN across workers (moco builder.py), sub-batches on one
-    bn_splits: int = 8  # one worker with shuffle_bn: BN sub-batches (moco's CIFAR demo SplitBatchNorm)
+    bn_splits: int = 8  # one worker with shuffle_bn: BN sub-batches of >= 32 rows (moco's CIFAR demo SplitBatchNorm)
     sync_bn: bool | None = None  # SyncBatchNorm under DDP on GPUs; None: the method's paper (SimCLR, BYOL: yes)
 
 

@@ -11,3 +11,13 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """A test that builds a bank shard in-process sets torch's global thread count; later tests must
+    not run (and round) differently because of it."""
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

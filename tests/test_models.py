@@ -210,13 +210,14 @@ def test_moco_query_bn_batch_is_its_sub_batch_without_shuffle_bn_the_whole_batch
     """With shuffle BN on one worker, changing a sample of another sub-batch leaves a query
     unchanged (its BN statistics are its own sub-batch's); without it, the whole batch is one BN batch."""
     torch.manual_seed(0)
-    batch = batch_of(2)
+    batch = batch_of(2, size=8, batch=64)
     changed = copy.deepcopy(batch)
-    changed["views"][0][7] += 5.0  # a sample of the second sub-batch of 4
+    changed["views"][0][40] += 5.0  # a sample of the second sub-batch of 32
     for shuffle_bn, same in ((True, True), (False, False)):
-        method = MoCo(tiny_backbone(), hidden_dim=64, queue_size=32, shuffle_bn=shuffle_bn, bn_splits=2)
+        method = MoCo(tiny_backbone(), hidden_dim=64, queue_size=128, shuffle_bn=shuffle_bn, bn_splits=8)
+        assert method.bn_splits_here(64) == (2 if shuffle_bn else 1)  # sub-batches of at least 32 rows
         q, q_changed = method.query(batch["views"][0]), method.query(changed["views"][0])
-        assert torch.allclose(q[:4], q_changed[:4], atol=1e-6) == same
+        assert torch.allclose(q[:32], q_changed[:32], atol=1e-6) == same
 
 
 def test_byol_learns_and_its_target_follows_the_schedule():

@@ -21,6 +21,7 @@ from losses import info_nce_from_logits, interclr_loss
 from models.byol import BYOL
 from models.method import BankRequest, InterQuery, Method, single_ids
 from models.moco import MoCo
+from models.momentum import BN_SPLITS
 from models.npid import NPID
 
 DEFAULT_TEMPERATURE = {"npid": 0.1, "moco": 0.2, "byol": 0.1}
@@ -30,8 +31,8 @@ BASE_BUILDERS = {
     "npid": lambda backbone, a: NPID(backbone, temperature=a["temperature"], num_negatives=a["num_negatives"],
                                      bank_momentum=a["bank_momentum"]),
     "moco": lambda backbone, a: MoCo(backbone, temperature=a["temperature"], queue_size=a["queue_size"],
-                                     key_momentum=a["key_momentum"], shuffle_bn=a["shuffle_bn"],
-                                     bn_splits=a["bn_splits"]),
+                                     key_momentum=a["key_momentum"], symmetric=a["symmetric"],
+                                     shuffle_bn=a["shuffle_bn"], bn_splits=a["bn_splits"]),
     "byol": lambda backbone, a: BYOL(backbone, base_decay=a["base_decay"]),
 }
 BASES = tuple(BASE_BUILDERS)
@@ -43,7 +44,7 @@ class InterCLR(Method):
                  intra_margin: float = 0.0, weight: float = 0.75, temperature: float | None = None,
                  bank_momentum: float | None = None, warmup_epochs: int = 0, queue_size: int = 65_536,
                  key_momentum: float = 0.999, base_decay: float = 0.99, shuffle_bn: bool = True,
-                 bn_splits: int = 8):
+                 bn_splits: int = BN_SPLITS, symmetric: bool = False):
         super().__init__()
         if base not in BASE_BUILDERS:
             raise ValueError(f"unknown InterCLR base {base!r} (choose from {', '.join(BASES)})")
@@ -56,7 +57,7 @@ class InterCLR(Method):
         self.base = BASE_BUILDERS[base](backbone, {
             "temperature": self.temperature, "num_negatives": num_negatives, "bank_momentum": self.bank_momentum,
             "queue_size": queue_size, "key_momentum": key_momentum, "base_decay": base_decay,
-            "shuffle_bn": shuffle_bn, "bn_splits": bn_splits})
+            "shuffle_bn": shuffle_bn, "bn_splits": bn_splits, "symmetric": symmetric})
         self.embed_dim = self.base.embed_dim
         self.num_views, self.recipe = self.base.num_views, self.base.recipe
 

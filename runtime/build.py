@@ -26,11 +26,11 @@ def build_method(config: JobConfig, num_classes: int | None = None) -> Method:
         return InterCLR(backbone, base=m.base, num_negatives=m.num_negatives, strategy=m.strategy,
                         weight=m.weight, inter_margin=m.inter_margin, warmup_epochs=m.warmup_epochs,
                         queue_size=m.queue_size, key_momentum=m.key_momentum, shuffle_bn=config.model.shuffle_bn,
-                        bn_splits=config.model.bn_splits, **temperature)
+                        bn_splits=config.model.bn_splits, symmetric=m.symmetric, **temperature)
     if m.name == "npid":
         return NPID(backbone, num_negatives=m.num_negatives, **temperature)
     if m.name == "moco":
-        return MoCo(backbone, queue_size=m.queue_size, key_momentum=m.key_momentum,
+        return MoCo(backbone, queue_size=m.queue_size, key_momentum=m.key_momentum, symmetric=m.symmetric,
                     shuffle_bn=config.model.shuffle_bn, bn_splits=config.model.bn_splits, **temperature)
     if m.name == "simclr":
         return SimCLR(backbone, gather=m.gather, **temperature)

@@ -51,6 +51,7 @@ class MethodConfig:
     temperature: float | None = None  # None: the method's paper default
     queue_size: int = 65_536  # MoCo / CACR-MoCo
     key_momentum: float = 0.999  # MoCo key encoder m
+    symmetric: bool = False  # MoCo / InterCLR-MoCo: both views in turn are the query (mmselfsup's symmetric MoCo-v2)
     positives: int = 1  # CACR K
     intra_batch: bool = True  # CACR queue form: the batch's other queries as negatives (official code's default)
     detach_queue_weights: bool = True  # CACR queue form: the queue's softmax weights without gradient (official code)

@@ -139,8 +139,8 @@ PRESETS = {
     "webvision": {"name": "interclr-webvision", "data.root": "shards/webvision", "data.batch_size": 64, "eval.pixel_baseline": False,
                   "data.device": "gpu", "train.num_workers": 4, "train.use_gpu": True, "train.epochs": 100,
                   "bank.shards": 4, "bank.clusters": 10_000},
-    # Fashion-MNIST (make demo): MoCo-v2-InterCLR (the base that learned fastest here; README's demo
-    # section), ResNet-18 ×0.5, CPU, a loader actor; 8 minutes on 2 cores
+    # Fashion-MNIST (make demo): MoCo-v2-InterCLR (README's demo section: no setting measured here did
+    # better beyond one seed), ResNet-18 ×0.5, CPU, a loader actor; about 8 minutes on 2 cores
     "demo": {"name": "demo", "data.root": "data/fashion-mnist-demo", "data.image_size": 28, "data.batch_size": 256,
              "data.min_crop_scale": 0.5, "data.loaders": 1, "data.loader_cpus": 0.5, "data.loader_threads": 1,
              "model.encoder": "resnet18", "model.width": 0.5, "method.base": "moco", "method.queue_size": 4096,

@@ -153,14 +153,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     device = ray.train.torch.get_device() if config.train.use_gpu else torch.device("cpu")
     method = build_method(config, loop_config.get("num_classes")).attach_banks(banks).to(device)
-    model = method
     if world > 1 and uses_sync_bn(config):
-        if not config.train.use_gpu:  # torch's SyncBatchNorm runs on GPUs only
-            if rank == 0:
-                print("note: model.sync_bn needs GPUs; BN statistics stay per worker on CPU", flush=True)
-        else:
+        if config.train.use_gpu:
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-            model = method
+        elif rank == 0:  # torch's SyncBatchNorm runs on GPUs only
+            print("note: model.sync_bn needs GPUs; BN statistics stay per worker on CPU", flush=True)
+    model = method
     if world > 1:
         model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"broadcast_buffers": False})
     t = config.train

@@ -260,10 +260,15 @@ class MemoryBank:
                              for s, pos in enumerate(owners)])
         # Shard 0's replica tells whether upkeep is due. Not a client-side tally of the deltas: every
         # Ray Train rank holds its own copy of this client, and only rank 0 ran init_clusters.
-        sizes = self._call([(s, "apply_deltas", (deltas,), {"report_below": self.min_cluster if s == 0 else 0})
-                            for s in range(self.num_shards)])[0]
+        sizes = self._broadcast_deltas(deltas, report_below=self.min_cluster)
         if sizes is not None:
             self._upkeep(sizes)
+
+    def _broadcast_deltas(self, deltas: list[dict], report_below: int = 0) -> np.ndarray | None:
+        """Apply every shard's deltas on every shard (one fan-out); shard 0 reports the global cluster
+        sizes when one is below `report_below` (see BankShard.apply_deltas)."""
+        return self._call([(s, "apply_deltas", (deltas,), {"report_below": report_below if s == 0 else 0})
+                           for s in range(self.num_shards)])[0]
 
     # --- cluster upkeep --------------------------------------------------------------------------
 
@@ -288,7 +293,7 @@ class MemoryBank:
         split_deltas, refilled = self._refill(np.flatnonzero(sizes == 0), sizes, self._upkeep_rng)
         deltas += split_deltas
         if deltas:
-            self._call([(s, "apply_deltas", (deltas,), {}) for s in range(self.num_shards)])
+            self._broadcast_deltas(deltas)
         self.upkeep["refilled"] += refilled
         self.upkeep["round_trips"] += self.round_trips - trips
 
@@ -525,7 +530,7 @@ class MemoryBank:
         sizes = np.sum([p["counts"] for p in partials], axis=0)
         deltas, refilled = self._refill(np.flatnonzero(sizes == 0), sizes, rng)
         if deltas:
-            self._call([(s, "apply_deltas", (deltas,), {}) for s in range(self.num_shards)])
+            self._broadcast_deltas(deltas)
         return {"inertia": history + [final_inertia], "initial_centroids": seeds, "empty_splits": splits,
                 "final_refills": refilled}
 

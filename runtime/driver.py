@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.config import ConfigError, JobConfig, parse_args, print_config
+from runtime.config import ConfigError, JobConfig, parse_args, print_config, resolve_optimizer
 
 
 def check_inputs(config: JobConfig) -> tuple[int, np.ndarray, list[str]]:
@@ -50,6 +50,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
 
     started = time.perf_counter()
     num_samples, labels, classes = check_inputs(config)
+    resolve_optimizer(config)  # a config built without parse_args gets the method's optimiser too
     print_config(config)
     config.data.root = str(Path(config.data.root).resolve())
     storage = Path(config.storage).resolve()

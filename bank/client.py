@@ -63,6 +63,7 @@ class MemoryBank:
         self.momentum = config["momentum"]
         self.rows = np.array([len(range(s, self.num_samples, self.num_shards)) for s in range(self.num_shards)])
         self.min_cluster = config.get("min_cluster", MIN_CLUSTER)
+        self.relabel = config.get("relabel", True)  # False: offline labels, fixed between init_clusters runs
         self._rng = np.random.default_rng(config["seed"])
         self._upkeep_rng = np.random.default_rng([config["seed"], 1])  # 2-means seeds of online splits
         self.traffic_bytes = 0  # numpy payload sent to and received from the shards
@@ -77,14 +78,16 @@ class MemoryBank:
                momentum: float = 0.5, seed: int = 0, dtype: str = "float32", snapshot_root: str | None = None,
                true_labels: np.ndarray | None = None, actor_options: dict | list[dict] | None = None,
                max_restarts: int = -1, threads_per_shard: int | None = None,
-               min_cluster: int = MIN_CLUSTER) -> "MemoryBank":
+               min_cluster: int = MIN_CLUSTER, relabel: bool = True) -> "MemoryBank":
         """Start `num_shards` bank actors (num_cpus=0 by default; `actor_options` per shard or for
         all, e.g. {"num_gpus": 1} or a placement-group scheduling strategy); `threads_per_shard` sets
         each shard's torch threads (Ray gives num_cpus=0 actors one). `snapshot_root` is where
         `save()` writes by default and where a restarted shard restores from. `true_labels` [N]
         (e.g. `Manifest.labels()`) enables NMI in `stats()`. `min_cluster`: after every `update`,
         clusters with fewer members are dissolved and every empty cluster is refilled by splitting
-        the largest (mmselfsup InterCLR's default, 20); 0 disables this upkeep."""
+        the largest (mmselfsup InterCLR's default, 20); 0 disables this upkeep. `relabel=False`: offline
+        pseudo-labels (003 Observation 1): `update` writes features only, labels change only when
+        `init_clusters` runs again (the trainer reruns it every epoch), and there is no upkeep."""
         if num_samples <= 0 or dim <= 0 or num_shards <= 0 or num_clusters <= 0:
             raise ValueError("num_samples, dim, num_shards and num_clusters must be positive")
         if num_clusters > num_samples:
@@ -104,7 +107,7 @@ class MemoryBank:
         config = {"num_samples": num_samples, "dim": dim, "num_shards": num_shards, "num_clusters": num_clusters,
                   "momentum": momentum, "seed": seed, "dtype": dtype, "snapshot_root": snapshot_root,
                   "max_restarts": max_restarts, "threads_per_shard": threads_per_shard,
-                  "min_cluster": int(min_cluster)}
+                  "min_cluster": int(min_cluster), "relabel": bool(relabel)}
         options = actor_options if isinstance(actor_options, list) else [actor_options or {}] * num_shards
         remote = ray.remote(BankShard)
         shards = []
@@ -129,7 +132,7 @@ class MemoryBank:
                           meta["momentum"], meta["seed"], meta["dtype"],
                           snapshot_root or meta.get("snapshot_root"), true_labels, actor_options,
                           meta.get("max_restarts", -1), meta.get("threads_per_shard"),
-                          min_cluster=meta.get("min_cluster", MIN_CLUSTER))
+                          min_cluster=meta.get("min_cluster", MIN_CLUSTER), relabel=meta.get("relabel", True))
         bank.restore(str(directory))
         return bank
 
@@ -252,12 +255,15 @@ class MemoryBank:
         """Eq. 2 momentum update and re-normalisation, relabel of each updated row to its most
         similar centroid (Sect. 4.1), and the running means of the centroids updated with every
         member change; then cluster upkeep (`_upkeep`) when some cluster has fewer than
-        `min_cluster` members. Two blocking round trips when no cluster is small."""
+        `min_cluster` members. Two blocking round trips when no cluster is small; with offline labels
+        (`relabel=False`) one: features only, no deltas, no upkeep."""
         ids = self._ids(ids, allow_duplicates=False)
         feats = self._feats(feats, len(ids))
         owners = self._owners(ids)
-        deltas = self._call([(s, "update", (ids[pos], feats[pos], self.momentum), {})
+        deltas = self._call([(s, "update", (ids[pos], feats[pos], self.momentum, self.relabel), {})
                              for s, pos in enumerate(owners)])
+        if not self.relabel:
+            return
         # Shard 0's replica tells whether upkeep is due. Not a client-side tally of the deltas: every
         # Ray Train rank holds its own copy of this client, and only rank 0 ran init_clusters.
         sizes = self._broadcast_deltas(deltas, report_below=self.min_cluster)

@@ -133,10 +133,12 @@ class BankShard:
         values = torch.nn.functional.normalize(self._tensor(feats).float(), dim=1)
         self.feats[self._local(ids)] = values.to(self.storage)
 
-    def update(self, ids: np.ndarray, feats: np.ndarray, momentum: float) -> dict:
+    def update(self, ids: np.ndarray, feats: np.ndarray, momentum: float, relabel: bool = True) -> dict | None:
         """Eq. 2 (v̂ ← (1-ω)v̂ + ωv, re-normalised, ω = `momentum`), then Eq. 3 (relabel to the
         nearest centroid). Returns this shard's change to the cluster sums/counts; the client
-        broadcasts it to every shard (`apply_deltas`), this one included."""
+        broadcasts it to every shard (`apply_deltas`), this one included. `relabel=False` (offline
+        labels, 003 Observation 1): the features only; labels, members and centroids stay as the
+        last k-means left them, and there is no delta (None)."""
         self._check()
         rows = self._local(ids)
         new = self._tensor(feats).float()
@@ -144,6 +146,9 @@ class BankShard:
         blended = torch.nn.functional.normalize((1 - momentum) * old + momentum * new, dim=1)
         stored = blended.to(self.storage)
         self.feats[rows] = stored
+        if not relabel:
+            self.step += 1
+            return None
         old_labels = self.labels[rows].clone()
         clustered = old_labels >= 0
         new_labels = old_labels.clone()

@@ -105,23 +105,6 @@ CACR_K1 = {"method.name": "cacr", "method.positives": 1, "method.queue_size": 0,
 CACR_K4 = {"method.name": "cacr", "method.positives": 4, "method.queue_size": 0, "data.batch_size": 64,
            **CACR_OPTIMIZER}
 
-NEEDS_OFFLINE = (
-    "bank.labels = online|offline (BankConfig, default online). Offline: BankShard.update(..., relabel=False) "
-    "writes the Eq. 2 features but leaves labels, members and centroid sums unchanged, and MemoryBank.update "
-    "skips _upkeep (MemoryBank.create(..., relabel=...), passed by runtime/driver.py as "
-    "config.bank.labels == 'online'); runtime/train.py: with offline labels rank 0 calls "
-    "cluster_banks(method, banks, config) at the start of every epoch >= method.warmup_epochs, then barrier() "
-    "(global k-means each epoch, labels fixed in between). Then delete this arm's `needs`.")
-NEEDS_SIMCLR_LOSS = (
-    "method.loss = nt_xent|align_uniform|hard_negative|cmc (MethodConfig, SimCLR only): SimCLR.training_step "
-    "calls losses.align_uniform_loss(z1, z2, t=2.0) (AU-CL) or losses.hard_negative_loss(z1, z2, 0.5, beta=1.0) "
-    "(HN-CL) in place of NT-Xent (004 App. C.1's settings). Then delete this arm's `needs`.")
-NEEDS_MULTIVIEW_CL = (
-    "multi-view CL (004's 'CMC (K = 4)' on augmentation views): SimCLR with method.positives = K taking "
-    "K + 1 views (recipe k_views(K+1), as CACR) and, with method.loss = cmc, losses.cmc_loss over the views' "
-    "head outputs as the full graph (002 Eq. 8), in-batch negatives, τ 0.07 (004 App. C.2). Then delete this "
-    "arm's `needs`.")
-
 CLAIMS: tuple[Claim, ...] = (
     Claim(
         id="interclr_vs_base",
@@ -145,11 +128,11 @@ CLAIMS: tuple[Claim, ...] = (
                "finding": "online above offline throughout training",
                "time_per_200_epochs": "online 5 days, offline 6.4 days, intra only 2.6 days (8 V100)"},
         arms=(Arm("online", {**OBSERVATION_PROTOCOL, "method.strategy": "random"}),
-              Arm("offline", {**OBSERVATION_PROTOCOL, "method.strategy": "random", "bank.labels": "offline"},
-                  needs=NEEDS_OFFLINE)),
+              Arm("offline", {**OBSERVATION_PROTOCOL, "method.strategy": "random", "bank.labels": "offline"})),
         comparisons=("online > offline",),
-        note="The paper's protocol for this study: random inter negatives, zero margin. The bank relabels every "
-             "updated row each step; nothing keeps labels fixed between epoch-wise k-means runs yet."),
+        note="The paper's protocol for this study: random inter negatives, zero margin. Offline: bank.labels=offline "
+             "(global k-means at the start of every epoch after the warm-up, labels and centroids fixed in "
+             "between, no upkeep)."),
     Claim(
         id="negative_sampling",
         claim="semi-hard >= random > hard inter negatives; semi-easy reported too",
@@ -174,11 +157,11 @@ CLAIMS: tuple[Claim, ...] = (
         arms=(Arm("cl", dict(CL)),
               Arm("cacr_k4", dict(CACR_K4)),
               Arm("multiview_cl_k4", {**CL, "method.loss": "cmc", "method.positives": 4, "method.temperature": 0.07,
-                                      "data.batch_size": 64}, needs=NEEDS_MULTIVIEW_CL),
+                                      "data.batch_size": 64}),
               Arm("cacr_k1", dict(CACR_K1), quick=False),
-              Arm("au_cl", {**CL, "method.loss": "align_uniform"}, needs=NEEDS_SIMCLR_LOSS, quick=False),
+              Arm("au_cl", {**CL, "method.loss": "align_uniform"}, quick=False),
               Arm("hn_cl", {**CL, "method.loss": "hard_negative", "method.temperature": 0.5},
-                  needs=NEEDS_SIMCLR_LOSS, quick=False)),
+                  quick=False)),
         comparisons=("cacr_k4 > cl", "cacr_k4 > multiview_cl_k4"),
         note="App. C.1's protocol: one optimiser for all (SGD, lr 0.12 per 256), CL's τ 0.19, CACR t+ 1.0 / t- 2.0 "
              "(the model's defaults; C.1 uses t- 0.9 for K = 4 on CIFAR-10), the K = 4 batch divided by 4 (64), "

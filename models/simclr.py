@@ -1,32 +1,55 @@
 """SimCLR (001_*.txt): two views, encoder + 2-layer MLP head, NT-Xent over the 2N embeddings of the
-global batch (every worker's), as SimCLR's `tpu_cross_replica_concat` and solo-learn's `gather` do."""
+global batch (every worker's), as SimCLR's `tpu_cross_replica_concat` and solo-learn's `gather` do.
+
+The same two-view model trains with CACR's CL baselines in place of NT-Xent (`loss`, 004 Sect. 5 and
+App. C.1, the study's settings): "align_uniform" (AU-CL, Wang & Isola: t = 2; their loss has no τ),
+"hard_negative" (HN-CL, Robinson et al.: τ⁺ 0.1, β 1.0, τ from `temperature`, 004 uses 0.5), and
+"cmc" — multi-view CL on augmentation views, 004's "CMC (K = 4)": `positives` + 1 views of each
+sample, `losses.cmc_loss` over their head outputs as the full graph (002 Eq. 8), in-batch negatives
+(004 App. C.2: τ 0.07, Eq. 8). The three baselines contrast each worker's own batch (no gather)."""
 from __future__ import annotations
 
 import torch
 
-from losses import nt_xent, nt_xent_global
+from losses import align_uniform_loss, cmc_loss, hard_negative_loss, nt_xent, nt_xent_global
 from models.heads import ProjectionHead
 from models.method import Method
 from models.momentum import all_gather_with_grad
+
+LOSSES = ("nt_xent", "align_uniform", "hard_negative", "cmc")
 
 
 class SimCLR(Method):
     recipe = "two_crop"
 
     def __init__(self, backbone: torch.nn.Module, embed_dim: int = 128, hidden_dim: int = 2048,
-                 temperature: float = 0.5, gather: bool = True):
+                 temperature: float = 0.5, gather: bool = True, loss: str = "nt_xent", positives: int = 1):
         super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"SimCLR loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if positives < 1 or (positives > 1 and loss != "cmc"):
+            raise ValueError(f"SimCLR takes more than one positive with the multi-view loss (cmc) only; "
+                             f"got positives={positives} with {loss!r}")
         self.backbone = backbone
         self.head = ProjectionHead(backbone.dim, embed_dim, hidden_dim, batch_norm=True)
         self.temperature = temperature
         self.gather = gather  # False: each worker contrasts only its own batch (2n-2 negatives)
+        self.loss = loss
+        self.num_views = positives + 1
+        self.recipe = "two_crop" if positives == 1 else f"k_views({self.num_views})"
 
     def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
-        x1, x2 = self.views(batch)[:2]
-        z1, z2 = self.head(self.backbone(x1)), self.head(self.backbone(x2))
-        if self.gather:
-            both, offset = all_gather_with_grad(torch.stack([z1, z2], dim=1))  # [N, 2, D], one collective
-            loss = nt_xent_global(z1, z2, both[:, 0], both[:, 1], offset, self.temperature)
+        views = self.views(batch)[:self.num_views]
+        z = [self.head(self.backbone(v)) for v in views]
+        if self.loss == "cmc":
+            loss = cmc_loss(z, self.temperature, paradigm="full")
+        elif self.loss == "align_uniform":
+            loss = align_uniform_loss(z[0], z[1], t=2.0)
+        elif self.loss == "hard_negative":
+            loss = hard_negative_loss(z[0], z[1], self.temperature, tau_plus=0.1, beta=1.0)
+        elif self.gather:
+            both, offset = all_gather_with_grad(torch.stack(z, dim=1))  # [N, 2, D], one collective
+            loss = nt_xent_global(z[0], z[1], both[:, 0], both[:, 1], offset, self.temperature)
         else:
-            loss = nt_xent(z1, z2, self.temperature)
-        return {"loss": loss, "nt_xent": loss.detach()}
+            loss = nt_xent(z[0], z[1], self.temperature)
+        return {"loss": loss, self.loss: loss.detach()}

@@ -33,7 +33,7 @@ def build_method(config: JobConfig, num_classes: int | None = None) -> Method:
         return MoCo(backbone, queue_size=m.queue_size, key_momentum=m.key_momentum, symmetric=m.symmetric,
                     shuffle_bn=config.model.shuffle_bn, bn_splits=config.model.bn_splits, **temperature)
     if m.name == "simclr":
-        return SimCLR(backbone, gather=m.gather, **temperature)
+        return SimCLR(backbone, gather=m.gather, loss=m.loss, positives=m.positives, **temperature)
     if m.name == "byol":
         return BYOL(backbone)
     if m.name == "cacr":

@@ -56,6 +56,7 @@ class MethodConfig:
     intra_batch: bool = True  # CACR queue form: the batch's other queries as negatives (official code's default)
     detach_queue_weights: bool = True  # CACR queue form: the queue's softmax weights without gradient (official code)
     gather: bool = True  # SimCLR: NT-Xent over the global batch (every worker's embeddings)
+    loss: str = "nt_xent"  # SimCLR: nt_xent | align_uniform (AU-CL) | hard_negative (HN-CL) | cmc (multi-view CL)
     paradigm: str = "core"  # CMC with more than two channel groups
     colorspace: str = "lab"  # CMC: lab|ydbdr
     imclr: int = 0  # supervised: ImCLR's samples per input, side by side (0: one image per input)
@@ -66,6 +67,7 @@ class BankConfig:
     shards: int = 2  # bank actors
     clusters: int = 10_000  # InterCLR: 10× the ImageNet classes
     min_cluster: int = 20  # online upkeep: smaller clusters dissolved, emptied ones refilled (mmselfsup InterCLR)
+    labels: str = "online"  # InterCLR pseudo-labels: online (every update) | offline (k-means each epoch, fixed between)
     dtype: str = "float32"
     kmeans_iters: int = 10
     init: str = "extract"  # "extract": one pass of the initial encoder over the data; "random": unit noise
@@ -203,6 +205,7 @@ def validate(config: JobConfig) -> JobConfig:
     from bank.shard import STRATEGIES
     from models.encoders import ENCODERS
     from models.interclr import BASES
+    from models.simclr import LOSSES as SIMCLR_LOSSES
     checks = [
         (config.data.batch_size > 0, f"data.batch_size must be positive, got {config.data.batch_size}"),
         (config.data.loaders >= 0, f"data.loaders must be >= 0, got {config.data.loaders}"),
@@ -215,6 +218,16 @@ def validate(config: JobConfig) -> JobConfig:
         (config.method.strategy in STRATEGIES, f"unknown method.strategy {config.method.strategy!r}"),
         (config.method.imclr == 0 or config.method.imclr >= 2,
          f"method.imclr (--imclr) is 0 (plain supervised) or the samples per input, >= 2; got {config.method.imclr}"),
+        (config.method.loss in SIMCLR_LOSSES,
+         f"method.loss must be one of {', '.join(SIMCLR_LOSSES)}, got {config.method.loss!r}"),
+        (config.method.loss == "nt_xent" or config.method.name == "simclr",
+         f"method.loss={config.method.loss} is a SimCLR loss (CACR's CL baselines); method is {config.method.name}"),
+        (config.method.positives == 1 or config.method.name == "cacr" or
+         (config.method.name == "simclr" and config.method.loss == "cmc"),
+         f"method.positives={config.method.positives}: more than one positive is CACR's, or SimCLR's with "
+         f"method.loss=cmc (multi-view CL)"),
+        (config.bank.labels in ("online", "offline"),
+         f"bank.labels must be online or offline, got {config.bank.labels!r}"),
         (config.bank.init in ("extract", "random"), f"bank.init must be extract or random, got {config.bank.init!r}"),
         (config.data.min_crop_scale is None or 0 < config.data.min_crop_scale <= 1,
          f"data.min_crop_scale must be in (0, 1], got {config.data.min_crop_scale}"),

@@ -69,6 +69,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
                 num_clusters=config.bank.clusters if request.clusters else 1, momentum=request.momentum,
                 seed=config.train.seed, dtype=config.bank.dtype, snapshot_root=str(run_dir / f"bank-{i}"),
                 true_labels=labels if request.clusters else None, min_cluster=config.bank.min_cluster,
+                relabel=config.bank.labels == "online",
                 actor_options={"num_gpus": config.bank.gpus_per_shard, "scheduling_strategy": "SPREAD"}))
         if config.data.loaders:
             loaders = [create_loader_actors(config.data.root, training_recipe(probe, config),

@@ -143,7 +143,8 @@ def loss_curves(path: Path, metrics_path: Path) -> None:
     records = [r for r in records if "loss" in r]
     if not records:
         return
-    keys = [k for k in ("loss", "intra", "inter", "nt_xent", "cmc", "cacr", "cross_entropy") if k in records[-1]]
+    keys = [k for k in ("loss", "intra", "inter", "nt_xent", "align_uniform", "hard_negative", "cmc", "cacr",
+                                     "cross_entropy") if k in records[-1]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in keys:
         ax.plot([r["step"] for r in records if key in r], [r[key] for r in records if key in r], label=key, lw=1)

@@ -137,10 +137,23 @@ def prime_queue(method, batches: Batches, device, config: JobConfig) -> None:
         method.prime(to_device(batch, device))
 
 
-def cluster_banks(method, banks, config: JobConfig) -> None:
+def cluster_banks(method, banks, config: JobConfig, epoch: int = 0) -> None:
     for bank, request in zip(banks, method.bank_requests()):
         if request.clusters:
-            bank.init_clusters(iters=config.bank.kmeans_iters, seed=config.train.seed)
+            bank.init_clusters(iters=config.bank.kmeans_iters, seed=config.train.seed + epoch)
+
+
+def clustering_due(method, config: JobConfig, epoch: int) -> bool:
+    """Global k-means at the start of `epoch` (epoch 0's, without a warm-up, runs in
+    `initialise_banks`): at the end of the intra-only warm-up, on the features it learned; and with
+    offline labels (`bank.labels`, 003 Observation 1) at every later epoch too, the labels fixed in
+    between."""
+    if not any(request.clusters for request in method.bank_requests()):
+        return False
+    warmup = getattr(method, "warmup_epochs", 0)
+    if epoch == warmup > 0:
+        return True
+    return config.bank.labels == "offline" and epoch > warmup
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -199,9 +212,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window = {"start": time.perf_counter(), "images": 0, "wait": batches.wait_seconds + _bank_wait(banks)}
     while step < last_step:
         epoch, skip = divmod(step, steps_per_epoch)
-        if epoch == getattr(method, "warmup_epochs", 0) > 0 and skip == 0:
+        if skip == 0 and clustering_due(method, config, epoch):
             if rank == 0:
-                cluster_banks(method, banks, config)  # k-means on the features the warm-up learned
+                cluster_banks(method, banks, config, epoch)
             barrier()
         for batch in batches.epoch(epoch, steps_per_epoch, skip):
             lr = learning_rate(config, step, total_steps, steps_per_epoch)

@@ -560,3 +560,29 @@ def test_semi_hard_refill_with_one_short_row_and_one_pool_larger_than_k():
     assert bool(valid.all())
     assert set(rows[1].tolist()) <= set(range(95, 100))  # only cluster-1 rows are allowed
     assert all(shard.labels[r] == 0 for r in rows[0].tolist())
+
+
+# --- offline pseudo-labels (003 Observation 1) ---------------------------------------------------------
+
+def test_offline_labels_stay_fixed_between_kmeans_runs(make_bank):
+    """relabel=False: update writes Eq. 2 features in one round trip; labels and centroids stay those
+    of the last k-means (the same updates on an online bank relabel rows), until init_clusters runs."""
+    n, rng = 600, np.random.default_rng(5)
+    offline, x, _ = clustered_bank(make_bank, shards=2, relabel=False, momentum=0.5)
+    online, _, _ = clustered_bank(make_bank, shards=2, momentum=0.5)
+    labels, centroids = offline.labels(np.arange(n)).numpy(), offline.centroids()
+    trips = offline.round_trips
+    for _ in range(5):
+        ids, new = rng.choice(n, size=64, replace=False), rng.normal(size=(64, 8))
+        offline.update(ids, new)
+        online.update(ids, new)
+    assert offline.round_trips - trips == 5
+    np.testing.assert_allclose(offline.get(np.arange(n)).numpy(), online.get(np.arange(n)).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(offline.labels(np.arange(n)).numpy(), labels)
+    np.testing.assert_array_equal(offline.centroids(), centroids)
+    assert (online.labels(np.arange(n)).numpy() != labels).sum() > 10  # online relabelled the moved rows
+    offline.init_clusters(iters=10, seed=1)  # the next epoch's k-means
+    feats, new_labels = offline.get(np.arange(n)).numpy(), offline.labels(np.arange(n)).numpy()
+    assert (new_labels != labels).sum() > 10
+    for c in np.unique(new_labels):
+        np.testing.assert_allclose(offline.centroids()[c], feats[new_labels == c].mean(0), atol=1e-5)

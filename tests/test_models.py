@@ -422,3 +422,30 @@ def test_moco_keeps_queries_apart_when_its_queue_starts_with_real_keys(tmp_path)
         with torch.no_grad():
             spread[primed] = float(method.query(batch["views"][0]).std(dim=0).mean())
     assert spread[False] < 0.01 < 0.02 < spread[True], spread  # uniform on the sphere: 1/√128 = 0.088
+
+
+# --- SimCLR with CACR's CL baselines (004 Sect. 5) ----------------------------------------------------
+
+@pytest.mark.parametrize("loss,positives,temperature", [("align_uniform", 1, 0.19), ("hard_negative", 1, 0.5),
+                                                        ("cmc", 1, 0.07), ("cmc", 3, 0.07)])
+def test_simclr_trains_with_each_cl_baseline_loss_on_its_views(loss, positives, temperature):
+    from losses import align_uniform_loss, cmc_loss, hard_negative_loss
+    torch.manual_seed(0)
+    method = SimCLR(tiny_backbone(), hidden_dim=64, loss=loss, positives=positives, temperature=temperature)
+    assert method.recipe == ("two_crop" if positives == 1 else f"k_views({positives + 1})")
+    batch = batch_of(positives + 2)  # one view more than the method takes: it uses the first K + 1
+    with torch.no_grad():
+        z = [method.head(method.backbone(v)) for v in batch["views"][:positives + 1]]
+        expected = {"align_uniform": lambda: align_uniform_loss(z[0], z[1], t=2.0),
+                    "hard_negative": lambda: hard_negative_loss(z[0], z[1], 0.5, tau_plus=0.1, beta=1.0),
+                    "cmc": lambda: cmc_loss(z, 0.07, paradigm="full")}[loss]()
+        out = method.training_step(batch)
+    assert torch.allclose(out["loss"], expected, atol=1e-6) and loss in out
+    assert_learns(train_steps(method, batch, 8))
+
+
+def test_simclr_takes_several_positives_only_with_the_multi_view_loss():
+    with pytest.raises(ValueError, match="multi-view loss"):
+        SimCLR(tiny_backbone(), loss="nt_xent", positives=3)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        SimCLR(tiny_backbone(), loss="triplet")

@@ -51,8 +51,10 @@ class LoaderActor:
     def start_epoch(self, epoch: int, skip: int = 0) -> int:
         """Build this epoch's pipeline, drop the first `skip` batches; return the epoch length."""
         loader = self._loader = build_loader(seed=self.seed * 7_919 + epoch, **self.args)
+        if skip > len(loader):
+            raise ValueError(f"cannot skip {skip} batches of an epoch of {len(loader)}")
         self._batches = iter(loader)
-        for _ in range(skip):
+        for _ in range(skip):  # decoded here and dropped: nothing crosses the object store
             next(self._batches)
         return len(loader)
 
@@ -101,17 +103,23 @@ class ActorLoader:
         self.actors, self.prefetch, self.restart_timeout = actors, prefetch, restart_timeout
         self.device = torch.device(device)  # views arrive there (uint8 moved first, then normalised)
         self.replayed = 0  # batches a restarted loader had to recompute
+        self.transferred = 0  # batches delivered through the object store
         self.max_in_flight = 0
         self.wait_seconds = 0.0  # time the trainer spent blocked on the loaders
 
     def __len__(self) -> int:
         return sum(self._lengths) if hasattr(self, "_lengths") else 0
 
-    def epoch(self, epoch: int = 0):
-        self._lengths = ray.get([a.start_epoch.remote(epoch) for a in self.actors])
-        delivered = [0] * len(self.actors)
+    def epoch(self, epoch: int = 0, skip: int = 0):
+        """The epoch's batches, loader 0, 1, …, L-1, 0, … in turn (a loader that has run out is passed
+        over). `skip` (a resumed run): the first `skip` batches of that order are dropped inside the
+        loader actors (`LoaderActor.start_epoch(skip=)`), never sent; the rest arrive as without it."""
+        count = len(self.actors)
+        skips = [len(range(i, skip, count)) for i in range(count)]  # batch j comes from loader j mod L
+        self._lengths = ray.get([a.start_epoch.remote(epoch, skip=s) for a, s in zip(self.actors, skips)])
+        delivered = list(skips)  # counted from the epoch's start: a restarted loader replays to here
         in_flight = [deque() for _ in self.actors]
-        issued = [0] * len(self.actors)
+        issued = list(skips)
 
         def refill(i):
             while len(in_flight[i]) < self.prefetch and issued[i] < self._lengths[i]:
@@ -121,8 +129,9 @@ class ActorLoader:
 
         for i in range(len(self.actors)):
             refill(i)
+        turn = skip
         while any(d < n for d, n in zip(delivered, self._lengths)):
-            for i in range(len(self.actors)):
+            for i in [(turn + k) % count for k in range(count)]:
                 if delivered[i] >= self._lengths[i]:
                     continue
                 start = time.perf_counter()
@@ -137,6 +146,7 @@ class ActorLoader:
                 finally:
                     self.wait_seconds += time.perf_counter() - start
                 delivered[i] += 1
+                self.transferred += 1
                 refill(i)
                 yield {"views": [_float_views(torch.from_numpy(np.array(v)).to(self.device, non_blocking=True))
                                  for v in batch["views"]],

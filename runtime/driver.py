@@ -46,21 +46,24 @@ def run(config: JobConfig, address: str | None = None) -> dict:
     from bank import MemoryBank
     from pipeline.actors import create_loader_actors
     from runtime.build import build_method, training_recipe
+    from runtime.preflight import check_data, check_resources
     from runtime.train import CHECKPOINTS_KEPT, train_loop_per_worker
 
     started = time.perf_counter()
     num_samples, labels, classes = check_inputs(config)
     resolve_optimizer(config)  # a config built without parse_args gets the method's optimiser too
+    probe = build_method(config, len(classes))
+    check_data(config, probe, num_samples)
     print_config(config)
     config.data.root = str(Path(config.data.root).resolve())
     storage = Path(config.storage).resolve()
     run_dir = storage / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    probe = build_method(config, len(classes))
 
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    check_resources(config, ray.cluster_resources(), ray.nodes(), num_banks=len(probe.bank_requests()))
     banks, loaders = [], []
     try:
         for i, request in enumerate(probe.bank_requests()):
@@ -71,14 +74,12 @@ def run(config: JobConfig, address: str | None = None) -> dict:
                 true_labels=labels if request.clusters else None, min_cluster=config.bank.min_cluster,
                 relabel=config.bank.labels == "online",
                 actor_options={"num_gpus": config.bank.gpus_per_shard, "scheduling_strategy": "SPREAD"}))
-        if config.data.loaders:
-            loaders = [create_loader_actors(config.data.root, training_recipe(probe, config),
-                                            config.data.batch_size, num_loaders=config.data.loaders, rank=r,
-                                            world_size=config.train.num_workers, seed=config.train.seed,
-                                            split=config.data.train_split, device=config.data.device,
-                                            num_threads=config.data.loader_threads,
-                                            actor_options={"num_cpus": config.data.loader_cpus})
-                       for r in range(config.train.num_workers)]
+        for rank in range(config.train.num_workers if config.data.loaders else 0):
+            loaders.append(create_loader_actors(  # one rank at a time: the finally kills every group made
+                config.data.root, training_recipe(probe, config), config.data.batch_size,
+                num_loaders=config.data.loaders, rank=rank, world_size=config.train.num_workers,
+                seed=config.train.seed, split=config.data.train_split, device=config.data.device,
+                num_threads=config.data.loader_threads, actor_options={"num_cpus": config.data.loader_cpus}))
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": config.to_dict(), "banks": banks, "loaders": loaders or None,

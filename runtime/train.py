@@ -2,26 +2,25 @@
 
 loop_config (built by runtime.driver): "config" (JobConfig as a dict), "banks" (MemoryBank clients,
 driver-owned), "loaders" (per global rank, the handles of its loader actors; None = DALI in the
-worker), "num_samples", "num_classes", "run_dir". Each worker:
-  1. builds the method, attaches the banks, wraps it in DDP (gloo on CPU, nccl on GPU);
-  2. resumes from `ray.train.get_checkpoint()` (model, optimizer, step; rank 0 restores the banks
-     from the snapshot the checkpoint names), or initialises the banks (rank 0 after all ranks wrote);
-  3. trains: the method's optimiser (SGD or LARS, runtime.optim), warm-up and cosine lr,
-     method.after_optimizer_step (EMA) after each step; InterCLR k-means at
-     the end of its warm-up; checkpoints every `checkpoint_every` steps and at every epoch end.
+worker), "num_samples", "num_classes", "run_dir". Each worker, top to bottom:
+  1. `setup_worker`: builds the method, attaches the banks, wraps it in DDP (gloo on CPU, nccl on
+     GPU), the method's optimiser (SGD or LARS, runtime.optim) and `lr_schedule` (warm-up, cosine);
+  2. `resume` from `ray.train.get_checkpoint()` (model, optimiser, schedule, step; rank 0 restores
+     the banks from the snapshot the checkpoint names), or `initialise_banks` and `prime_queue`;
+  3. `train`: InterCLR k-means where `clustering_due`, then per step forward, backward, optimiser,
+     schedule, `method.after_optimizer_step` (EMA); `report` checkpoints every `checkpoint_every`
+     steps and at every epoch end.
 Rank 0 writes metrics.jsonl + TensorBoard and prints one progress line per interval.
 """
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -32,6 +31,7 @@ from pipeline.actors import ActorLoader
 from pipeline.loader import build_loader
 from runtime.build import build_method, training_recipe, uses_sync_bn
 from runtime.config import JobConfig
+from runtime import preflight
 from runtime.optim import build_optimizer
 
 PROGRESS_SECONDS = 10.0
@@ -44,15 +44,22 @@ def barrier() -> None:
         dist.barrier()
 
 
-def learning_rate(config: JobConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """Linear scaling (lr per 256 images), linear warm-up (at most a tenth of the schedule), then
-    cosine decay to 0."""
+def lr_schedule(optimizer: torch.optim.Optimizer, config: JobConfig, total_steps: int,
+                steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear scaling (`train.lr` is per 256 images), linear warm-up over `lr_warmup_epochs` (at most a
+    tenth of the schedule: step k of w runs at (k+1)/w of the base), then cosine decay to 0 over the
+    rest (SimCLR Sect. B.1, MoCo-v2's cos). Stepped once per optimiser step."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
     t = config.train
     base = t.lr * config.data.batch_size * t.num_workers / 256
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = base
     warmup = min(t.lr_warmup_epochs * steps_per_epoch, total_steps // 10)
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup))
+    if warmup == 0:
+        return cosine
+    linear = LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=max(1, warmup - 1))
+    return SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
 
 
 class Batches:
@@ -79,11 +86,13 @@ class Batches:
             self.loader = self.build()
 
     def epoch(self, epoch: int, steps: int, skip: int = 0, finish: bool = True):
+        """Batches `skip` … `steps`-1 of the epoch. Loader actors drop the skipped ones themselves (a
+        resumed run pulls nothing it does not train on); the in-process loader reads past them."""
         if self.actor_loader is not None:
-            source = self.actor_loader.epoch(epoch)
+            source, first = self.actor_loader.epoch(epoch, skip=skip), skip
         else:
-            source = iter(self.loader)
-        for step in range(steps):
+            source, first = iter(self.loader), 0
+        for step in range(first, steps):
             start = time.perf_counter()
             batch = next(source)
             self.wait_seconds += time.perf_counter() - start
@@ -156,7 +165,39 @@ def clustering_due(method, config: JobConfig, epoch: int) -> bool:
     return config.bank.labels == "offline" and epoch > warmup
 
 
+@dataclass
+class Worker:
+    """What one Train worker builds before its first step (`setup_worker`)."""
+    config: JobConfig
+    rank: int
+    world: int
+    device: torch.device
+    method: torch.nn.Module  # the Method (state_dict, banks, EMA)
+    model: torch.nn.Module  # what runs the step: the method, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    batches: "Batches"
+    banks: list
+    steps_per_epoch: int
+    total_steps: int
+    last_step: int
+    run_dir: Path
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
+    worker = setup_worker(loop_config)
+    step = resume(worker)
+    if step is None:
+        step = 0
+        initialise_banks(worker.method, worker.banks, worker.batches, worker.device, worker.steps_per_epoch,
+                         worker.config, worker.rank)
+        prime_queue(worker.method, worker.batches, worker.device, worker.config)
+    train(worker, step)
+
+
+def setup_worker(loop_config: dict) -> Worker:
+    """Seeded model (identical on every rank), SyncBN / DDP where they apply, optimiser and lr
+    schedule, this rank's batches, and the step counts."""
     config = JobConfig.from_dict(loop_config["config"])
     banks = loop_config["banks"]
     ctx = ray.train.get_context()
@@ -179,60 +220,70 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                 trust_coefficient=t.trust_coefficient, exclude_bias_and_norm=t.exclude_bias_and_norm)
     actors = loop_config["loaders"][rank] if loop_config.get("loaders") else None
     batches = Batches(config, training_recipe(method, config), rank, world, actors, device)
-    loaders_per_rank = len(actors) if actors else 1
-    per_stream = loop_config["num_samples"] // (world * loaders_per_rank)
-    steps_per_epoch = (per_stream // config.data.batch_size) * loaders_per_rank
+    steps_per_epoch = preflight.steps_per_epoch(loop_config["num_samples"], world, len(actors) if actors else 1,
+                                                config.data.batch_size)
     if steps_per_epoch == 0:
         raise ValueError(f"{loop_config['num_samples']} samples make no full batch of {config.data.batch_size} "
                          f"per loader on {world} workers; lower data.batch_size")
-    total_steps = steps_per_epoch * config.train.epochs
-    last_step = min(total_steps, config.train.max_steps or total_steps)
-    run_dir = Path(loop_config["run_dir"])
+    total_steps = steps_per_epoch * t.epochs
+    return Worker(config, rank, world, device, method, model, optimizer,
+                  lr_schedule(optimizer, config, total_steps, steps_per_epoch), batches, banks, steps_per_epoch,
+                  total_steps, min(total_steps, t.max_steps or total_steps), Path(loop_config["run_dir"]))
 
-    step = 0
+
+def resume(worker: Worker) -> int | None:
+    """The step of Ray Train's checkpoint, with model, optimiser and lr schedule restored on every
+    rank and the banks by rank 0 from the snapshots it names; None when there is none."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / "model.pt", map_location=device, weights_only=False)
-            method.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            step = state["step"]
-            if rank == 0:
-                for bank, path in zip(banks, state["bank_snapshots"]):
-                    bank.restore(path)
-        barrier()
-        if rank == 0:
-            print(f"resumed from step {step} (epoch {step // steps_per_epoch})", flush=True)
-    else:
-        initialise_banks(method, banks, batches, device, steps_per_epoch, config, rank)
-        prime_queue(method, batches, device, config)
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / "model.pt", map_location=worker.device, weights_only=False)
+    worker.method.load_state_dict(state["model"])
+    worker.optimizer.load_state_dict(state["optimizer"])
+    step = state["step"]
+    if "schedule" in state:
+        worker.schedule.load_state_dict(state["schedule"])
+    else:  # a checkpoint from before the schedule was saved: replay it
+        for _ in range(step):
+            worker.schedule.step()
+    if worker.rank == 0:
+        for bank, path in zip(worker.banks, state["bank_snapshots"]):
+            bank.restore(path)
+    barrier()
+    if worker.rank == 0:
+        print(f"resumed from step {step} (epoch {step // worker.steps_per_epoch})", flush=True)
+    return step
 
-    logger = MetricsLogger(run_dir, rank, config) if rank == 0 else None
+
+def train(worker: Worker, step: int) -> None:
+    """Steps `step` … `last_step`: k-means where an epoch asks for it, forward, backward, optimiser,
+    lr schedule, EMA; a checkpoint every `checkpoint_every` steps and at every epoch end."""
+    w, config = worker, worker.config
+    logger = MetricsLogger(w.run_dir, w.rank, config) if w.rank == 0 else None
     started = time.perf_counter()
-    window = {"start": time.perf_counter(), "images": 0, "wait": batches.wait_seconds + _bank_wait(banks)}
-    while step < last_step:
-        epoch, skip = divmod(step, steps_per_epoch)
-        if skip == 0 and clustering_due(method, config, epoch):
-            if rank == 0:
-                cluster_banks(method, banks, config, epoch)
+    window = {"start": time.perf_counter(), "images": 0, "wait": w.batches.wait_seconds + _bank_wait(w.banks)}
+    while step < w.last_step:
+        epoch, skip = divmod(step, w.steps_per_epoch)
+        if skip == 0 and clustering_due(w.method, config, epoch):
+            if w.rank == 0:
+                cluster_banks(w.method, w.banks, config, epoch)
             barrier()
-        for batch in batches.epoch(epoch, steps_per_epoch, skip):
-            lr = learning_rate(config, step, total_steps, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            out = model(to_device(batch, device), step / total_steps, epoch)
-            optimizer.zero_grad(set_to_none=True)
+        for batch in w.batches.epoch(epoch, w.steps_per_epoch, skip):
+            lr = w.optimizer.param_groups[0]["lr"]
+            out = w.model(to_device(batch, w.device), step / w.total_steps, epoch)
+            w.optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
-            optimizer.step()
-            method.after_optimizer_step(step / total_steps)
+            w.optimizer.step()
+            w.schedule.step()
+            w.method.after_optimizer_step(step / w.total_steps)
             step += 1
-            window["images"] += len(batch["index"]) * world
-            end_of_epoch = step % steps_per_epoch == 0
+            window["images"] += len(batch["index"]) * w.world
             if logger is not None:
-                logger.step(step, epoch, lr, out, window, batches, banks, last_step, started)
-            if step % config.train.checkpoint_every == 0 or end_of_epoch or step == last_step:
-                report(method, optimizer, step, epoch, banks, run_dir, rank, logger)
-            if step >= last_step:
+                logger.step(step, epoch, lr, out, window, w.batches, w.banks, w.last_step, started)
+            if step % config.train.checkpoint_every == 0 or step % w.steps_per_epoch == 0 or step == w.last_step:
+                report(w, step, epoch, logger)
+            if step >= w.last_step:
                 break
     if logger is not None:
         logger.close()
@@ -242,17 +293,19 @@ def _bank_wait(banks) -> float:
     return sum(b.wait_seconds for b in banks)
 
 
-def report(method, optimizer, step: int, epoch: int, banks, run_dir: Path, rank: int, logger) -> None:
-    """A checkpoint every rank joins: rank 0 snapshots the banks under run_dir/bank and writes the
-    model, optimizer and step with the snapshot paths; the others report metrics only."""
+def report(worker: Worker, step: int, epoch: int, logger) -> None:
+    """A checkpoint every rank joins: rank 0 snapshots the banks under run_dir/bank-<i> and writes
+    the model, optimiser, lr schedule and step with the snapshot paths; the others report metrics only."""
     metrics = {"step": step, "epoch": epoch}
-    if rank != 0:
+    if worker.rank != 0:
         ray.train.report(metrics)
         return
+    banks, run_dir = worker.banks, worker.run_dir
     snapshots = [bank.save(str(run_dir / f"bank-{i}" / f"step-{step:09d}")) for i, bank in enumerate(banks)]
     with tempfile.TemporaryDirectory() as directory:
-        torch.save({"model": method.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "bank_snapshots": snapshots}, Path(directory) / "model.pt")
+        torch.save({"model": worker.method.state_dict(), "optimizer": worker.optimizer.state_dict(),
+                    "schedule": worker.schedule.state_dict(), "step": step, "bank_snapshots": snapshots},
+                   Path(directory) / "model.pt")
         (Path(directory) / "meta.json").write_text(json.dumps({"step": step, "epoch": epoch}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
     for i in range(len(banks)):

@@ -44,6 +44,21 @@ def test_two_loader_actors_serve_every_sample_once_per_epoch(ray_cluster, shards
         kill(ray_cluster, actors)
 
 
+@pytest.mark.parametrize("skip", [0, 5, 6])
+def test_a_resumed_epoch_skips_inside_the_loaders_and_continues_the_same_order(ray_cluster, shards, skip):
+    """Resume: epoch(e, skip=s) yields exactly batches s… of epoch(e), and only those cross the
+    object store (without the feature the trainer pulled and dropped the first s)."""
+    actors = create_loader_actors(shards, RECIPE, batch_size=4, num_loaders=2, seed=0)
+    try:
+        full = [b["index"].tolist() for b in ActorLoader(actors).epoch(1)]
+        resumed = ActorLoader(actors)
+        tail = [b["index"].tolist() for b in resumed.epoch(1, skip=skip)]
+        assert tail == full[skip:]
+        assert resumed.transferred == len(full) - skip
+    finally:
+        kill(ray_cluster, actors)
+
+
 def test_drop_last_and_pad_last_act_on_each_loader_actor(ray_cluster, shards):
     for option, batches_per_loader in (("drop_last", 6), ("pad_last", 7)):  # 25 samples per loader, B=4
         actors = create_loader_actors(shards, RECIPE, batch_size=4, num_loaders=2, seed=0, **{option: True})

@@ -1,0 +1,116 @@
+"""Checks a job passes before it takes any Ray resource: the data against the config (a request the
+trainer would fail on after minutes of setup) and the whole resource request against the cluster
+(an infeasible request is not refused by Ray Train: it waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+and FailureConfig retries it). Each check raises a one-line `ConfigError` naming its numbers.
+
+Ray Train 2.60's own TrainController actor asks for num_cpus=0 (ray/train/v2/api/
+data_parallel_trainer.py), as do its state and sync actors: only its workers count here.
+"""
+from __future__ import annotations
+
+from runtime.config import ConfigError, JobConfig
+
+
+def steps_per_epoch(num_samples: int, world: int, loaders_per_rank: int, batch_size: int) -> int:
+    """DDP steps of one epoch: every loader stream (world × loaders_per_rank of them) gets an equal
+    share of the samples and serves full batches only, so every rank runs the same number of steps."""
+    per_stream = num_samples // (world * loaders_per_rank)
+    return (per_stream // batch_size) * loaders_per_rank
+
+
+def check_data(config: JobConfig, method, num_samples: int) -> None:
+    """The training split (`num_samples`) must fill what the config asks of it: a full batch per
+    loader stream, the clusters, the MoCo queue within the first epoch, the bank's negatives, the
+    kNN neighbours. `method` is the built method (`runtime.build.build_method`)."""
+    d, world = config.data, config.train.num_workers
+    loaders_per_rank = d.loaders or 1  # 0 loader actors: one DALI loader inside each worker
+    steps = steps_per_epoch(num_samples, world, loaders_per_rank, d.batch_size)
+    if steps == 0:
+        streams = world * loaders_per_rank
+        per_stream = num_samples // streams
+        fix = (f"lower data.batch_size to at most {per_stream}" if per_stream
+               else "use fewer train.num_workers or data.loaders")
+        raise ConfigError(f"{num_samples} training samples make no full batch of data.batch_size={d.batch_size}: "
+                          f"each of the {streams} loader streams ({_count(world, 'Train worker')} × "
+                          f"{loaders_per_rank}) gets {per_stream} ({fix})")
+    requests = method.bank_requests()
+    if any(r.clusters for r in requests) and config.bank.clusters > num_samples:
+        raise ConfigError(f"bank.clusters={config.bank.clusters} exceeds the {num_samples} training samples "
+                          f"(k-means needs a sample per cluster: lower bank.clusters)")
+    queue = getattr(method, "queue", None)
+    if queue is not None:
+        size, keys_per_step = len(queue.keys), d.batch_size * world
+        needed = -(-size // keys_per_step)  # the batches runtime.train.prime_queue pulls from the first epoch
+        if needed > steps:
+            raise ConfigError(f"method.queue_size={size} needs {needed} batches of {d.batch_size} × "
+                              f"{_count(world, 'Train worker')} to fill but an epoch of {num_samples} samples has "
+                              f"{steps} (lower method.queue_size to at most {steps * keys_per_step})")
+    negatives = _bank_negatives(method)
+    if requests and negatives >= num_samples:
+        raise ConfigError(f"method.num_negatives={negatives} must be below the {num_samples} samples in the bank "
+                          f"(a query's negatives are the other samples: lower method.num_negatives)")
+    e = config.eval
+    limited = e.knn_train_samples is not None and e.knn_train_samples < num_samples
+    memory, source = (e.knn_train_samples, "eval.knn_train_samples") if limited else (num_samples, "the training split")
+    if not 1 <= e.knn_k <= memory:
+        raise ConfigError(f"eval.knn_k={e.knn_k} must be between 1 and the kNN memory of {memory} train samples "
+                          f"({source})")
+
+
+def _bank_negatives(method) -> int:
+    """Negatives a step draws from the bank: InterCLR's inter query (0 on a BYOL base); NPID's and
+    CMC's `num_negatives`; 0 for a method without them."""
+    if hasattr(method, "inter_query"):
+        return method.inter_query().num_negatives
+    return getattr(method, "num_negatives", 0)
+
+
+def check_resources(config: JobConfig, resources: dict, nodes: list[dict], num_banks: int) -> None:
+    """The job's whole request against the cluster: the total against `resources`
+    (`ray.cluster_resources()`), and each single actor against the alive `nodes` (`ray.nodes()`),
+    since one actor or Train worker runs on one node. `num_banks`: the method's bank requests."""
+    t, d, b = config.train, config.data, config.bank
+    # (name, how many, the key that sets how many, one actor's {resource: (amount, the key that sets it)})
+    parts = [("Train worker", t.num_workers, "train.num_workers",  # ScalingConfig's bundle
+              {"CPU": (t.cpus_per_worker, "train.cpus_per_worker"), "GPU": (float(t.use_gpu), "train.use_gpu=false")}),
+             ("loader actor", d.loaders * t.num_workers, "data.loaders", {"CPU": (d.loader_cpus, "data.loader_cpus")}),
+             ("bank shard", num_banks * b.shards, "bank.shards",  # bank shards take num_cpus=0
+              {"GPU": (b.gpus_per_shard, "bank.gpus_per_shard")})]
+    short = []
+    for resource in ("CPU", "GPU"):
+        used = [(name, count, f"{count_key} or {one[resource][1]}", one[resource][0])
+                for name, count, count_key, one in parts if count and one.get(resource, (0.0,))[0]]
+        need, have = sum(count * amount for _, count, _, amount in used), float(resources.get(resource, 0.0))
+        if need > have + 1e-6:
+            shares = ", ".join(f"{_count(count, name)} × {amount:g}" for name, count, _, amount in used)
+            lower = ", ".join(keys for _, _, keys, _ in used)
+            short.append(f"the job needs {_amount(need)} {resource}s ({shares}) but the cluster has {_amount(have)} "
+                         f"(lower {lower}, or add nodes)")
+    if short:
+        raise ConfigError("; ".join(short))
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    for name, count, _, one in parts:
+        request = {resource: amount for resource, (amount, _) in one.items() if amount}
+        if not count or not request or any(_fits(request, node) for node in alive):
+            continue
+        largest = {k: max((float(node.get(k, 0.0)) for node in alive), default=0.0) for k in request}
+        too_big = [k for k, amount in request.items() if amount > largest[k] + 1e-6]
+        wanted = " and ".join(f"{_amount(amount)} {k}s" for k, amount in request.items())
+        where = (" and ".join(f"the largest node has {_amount(largest[k])} {k}s" for k in too_big) if too_big
+                 else "no single node has all of it")
+        lower = " or ".join(one[k][1] for k in too_big or request)
+        raise ConfigError(f"one {name} needs {wanted} on one node but {where} (lower {lower})")
+
+
+def _fits(request: dict, node: dict) -> bool:
+    return all(amount <= float(node.get(resource, 0.0)) + 1e-6 for resource, amount in request.items())
+
+
+def _count(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' if count != 1 else ''}"
+
+
+def _amount(value: float) -> str:
+    """4.0, 1.5, 0.25: resources as Ray prints them, always with a decimal point."""
+    text = f"{value:g}"
+    return text if "." in text or "e" in text else f"{text}.0"

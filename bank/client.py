@@ -69,7 +69,11 @@ class MemoryBank:
         self.traffic_bytes = 0  # numpy payload sent to and received from the shards
         self.wait_seconds = 0.0  # time the caller spent blocked on the shards
         self.round_trips = 0  # blocking fan-outs (one ray.get each)
-        self.upkeep = {"dissolved": 0, "refilled": 0, "random_splits": 0, "round_trips": 0}  # this client's
+        # an update issued with block=False: its shards' apply_deltas results (shard 0's is the upkeep
+        # cue), collected by the next blocking call in the same ray.get
+        self._pending: list = []
+        self._in_upkeep = False
+        self.upkeep = {"dissolved": 0, "refilled": 0, "random_splits": 0, "round_trips": 0, "runs": 0}  # this client's
 
     # --- construction ----------------------------------------------------------------------------
 
@@ -167,23 +171,36 @@ class MemoryBank:
         return [np.flatnonzero(shard_of == s) for s in range(self.num_shards)]
 
     def _call(self, calls):
-        """calls: list of (shard_index, method, args, kwargs). One ray.get for the fan-out; if a shard
-        died or restarted, restore every shard from the last snapshot and retry once."""
+        """calls: list of (shard_index, method, args, kwargs). One ray.get for the fan-out, which also
+        completes a pending asynchronous update (`update(block=False)`); when that update left a
+        cluster below `min_cluster`, upkeep runs after this call's answers are in. If a shard died
+        or restarted, restore every shard from the last snapshot and retry once (a pending update is
+        then lost with the rest of the state since the snapshot)."""
         for attempt in (0, 1):
             start = time.perf_counter()
             refs = [getattr(self.shards[s], m).remote(*a, **k) for s, m, a, k in calls]
+            pending, self._pending = self._pending, []
             try:
-                results = ray.get(refs)
-                self.round_trips += 1
-                self.wait_seconds += time.perf_counter() - start
-                self.traffic_bytes += _nbytes([a for _, _, a, _ in calls]) + _nbytes(results)
-                return results
+                answers = ray.get(pending + refs)
             except (ray.exceptions.RayActorError, ShardRestartedError) as exc:
                 if attempt == 1:
                     raise
                 log.warning("bank shard failure (%s); restoring all shards from the last snapshot",
                             str(exc).splitlines()[0])
                 self._recover()
+                continue
+            cue, results = (answers[0] if pending else None), answers[len(pending):]
+            self.round_trips += 1
+            self.wait_seconds += time.perf_counter() - start
+            self.traffic_bytes += _nbytes([a for _, _, a, _ in calls]) + _nbytes(results) + _nbytes(cue)
+            if cue is not None and not self._in_upkeep:
+                self._upkeep(cue)
+            return results
+
+    def settle(self) -> None:
+        """Wait for a pending asynchronous update (and its upkeep); a no-op without one."""
+        if self._pending:
+            self._call([])
 
     def _recover(self) -> None:
         deadline = time.monotonic() + 120
@@ -251,24 +268,35 @@ class MemoryBank:
         owners = self._owners(ids)
         self._call([(s, "set_features", (ids[pos], feats[pos]), {}) for s, pos in enumerate(owners) if len(pos)])
 
-    def update(self, ids, feats) -> None:
+    def update(self, ids, feats, block: bool = True) -> None:
         """Eq. 2 momentum update and re-normalisation, relabel of each updated row to its most
         similar centroid (Sect. 4.1), and the running means of the centroids updated with every
         member change; then cluster upkeep (`_upkeep`) when some cluster has fewer than
-        `min_cluster` members. Two blocking round trips when no cluster is small; with offline labels
-        (`relabel=False`) one: features only, no deltas, no upkeep."""
+        `min_cluster` members. With offline labels (`relabel=False`): features only, no deltas, no
+        upkeep.
+
+        The shards exchange the deltas themselves: each shard's `apply_deltas` takes every shard's
+        `update` result as an argument, so Ray passes them shard to shard and the client waits once.
+        `block=False` (the trainer, after the optimiser step) does not wait at all: the next call
+        of this client completes the update in its own ray.get. Ray runs a caller's tasks on an
+        actor in submission order, so every later read through this client sees the update; another
+        Ray Train rank's client may read a row up to one of its steps before the update lands."""
         ids = self._ids(ids, allow_duplicates=False)
         feats = self._feats(feats, len(ids))
         owners = self._owners(ids)
-        deltas = self._call([(s, "update", (ids[pos], feats[pos], self.momentum, self.relabel), {})
-                             for s, pos in enumerate(owners)])
-        if not self.relabel:
-            return
-        # Shard 0's replica tells whether upkeep is due. Not a client-side tally of the deltas: every
-        # Ray Train rank holds its own copy of this client, and only rank 0 ran init_clusters.
-        sizes = self._broadcast_deltas(deltas, report_below=self.min_cluster)
-        if sizes is not None:
-            self._upkeep(sizes)
+        self.settle()  # an earlier asynchronous update and its upkeep come first
+        deltas = [self.shards[s].update.remote(ids[pos], feats[pos], self.momentum, self.relabel)
+                  for s, pos in enumerate(owners)]
+        self.traffic_bytes += _nbytes([ids, feats])
+        if self.relabel:
+            # Shard 0's replica tells whether upkeep is due. Not a client-side tally of the deltas: every
+            # Ray Train rank holds its own copy of this client, and only rank 0 ran init_clusters.
+            self._pending = [self.shards[s].apply_deltas_of.remote(*deltas, report_below=self.min_cluster * (s == 0))
+                             for s in range(self.num_shards)]
+        else:
+            self._pending = deltas  # None from each shard: no cue
+        if block:
+            self.settle()
 
     def _broadcast_deltas(self, deltas: list[dict], report_below: int = 0) -> np.ndarray | None:
         """Apply every shard's deltas on every shard (one fan-out); shard 0 reports the global cluster
@@ -288,7 +316,15 @@ class MemoryBank:
         after each split), and when every cluster is small none is dissolved (the reference would
         have no centroid left to move to)."""
         trips = self.round_trips
-        sizes = np.array(sizes, dtype=np.int64)
+        self._in_upkeep = True
+        try:
+            self._upkeep_once(np.array(sizes, dtype=np.int64))
+        finally:
+            self._in_upkeep = False
+        self.upkeep["runs"] += 1
+        self.upkeep["round_trips"] += self.round_trips - trips
+
+    def _upkeep_once(self, sizes: np.ndarray) -> None:
         small = np.flatnonzero(sizes < self.min_cluster)
         deltas = []
         occupied = small[sizes[small] > 0]
@@ -301,7 +337,6 @@ class MemoryBank:
         if deltas:
             self._broadcast_deltas(deltas)
         self.upkeep["refilled"] += refilled
-        self.upkeep["round_trips"] += self.round_trips - trips
 
     def _refill(self, empty: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> tuple[list, int]:
         """_redirect_empty_clusters: for each empty cluster in index order, split the currently
@@ -421,7 +456,10 @@ class MemoryBank:
             raise ValueError(f"query must be [{len(ids)}, {self.dim}], got {list(query.shape)}")
         seed = int(self._rng.integers(2**31)) if seed is None else seed
         rng = np.random.default_rng(seed)
-        anchors = self._anchors(ids)
+        runs = self.upkeep["runs"]
+        anchors = self._anchors(ids)  # also completes a pending update
+        if self.upkeep["runs"] != runs:  # that update's upkeep ran after these answers: read them again
+            anchors = self._anchors(ids)
         inter = inter_negatives is not None
         if inter and (anchors["labels"] < 0).any():
             raise BankStateError("inter queries need pseudo-labels: call init_clusters() first")

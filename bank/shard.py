@@ -193,6 +193,11 @@ class BankShard:
         feats = self.feats[rows]
         return self._delta(old_labels, new_labels, feats, feats)
 
+    def apply_deltas_of(self, *deltas: dict, report_below: int = 0) -> np.ndarray | None:
+        """`apply_deltas` with each shard's delta as its own argument: given the shards' `update`
+        object refs, Ray hands the results over shard to shard (the client never holds them)."""
+        return self.apply_deltas(list(deltas), report_below)
+
     def apply_deltas(self, deltas: list[dict], report_below: int = 0) -> np.ndarray | None:
         """Add every shard's deltas to this replica. With report_below > 0, return the global cluster
         sizes [C] when some cluster has fewer members (None otherwise, and before k-means): the

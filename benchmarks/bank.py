@@ -127,25 +127,38 @@ def time_ray(args, shards: int) -> dict:
     start = time.perf_counter()
     result = bank.init_clusters(iters=args.kmeans_iters, init="random", seed=0)
     kmeans_s = (time.perf_counter() - start) / (args.kmeans_iters + 1)  # + the final assignment pass
-    times, traffic = [], []
-    for step in range(args.steps + 1):
-        ids = np.random.default_rng(step).choice(args.n, args.batch, replace=False)
-        q = torch.randn(args.batch, args.dim, requires_grad=True)
-        before = bank.traffic_bytes
-        start = time.perf_counter()
-        answer = bank.query(q, ids, intra_negatives=args.negatives, inter_negatives=args.negatives,
-                            strategy="semi_hard", temperature=0.1)
-        loss = interclr_loss(info_nce_from_logits(answer.intra_pos, answer.intra_neg, 0.1),
-                             info_nce_from_logits(answer.inter_pos, answer.inter_neg, 0.1, margin=-0.5))
-        loss.backward()
-        bank.update(ids, q.detach())
-        if step:
-            times.append(time.perf_counter() - start)
-            traffic.append(bank.traffic_bytes - before)
-    out = {"ms_per_step": round(1000 * float(np.median(times)), 1),
-           "bytes_per_step": int(np.median(traffic)), "threads_per_shard": threads,
-           "kmeans_s_per_iter": round(kmeans_s, 2), "kmeans_inertia": result["inertia"][-1],
-           "initial_centroids": result["initial_centroids"]}
+    out = {"threads_per_shard": threads, "kmeans_s_per_iter": round(kmeans_s, 2),
+           "kmeans_inertia": result["inertia"][-1], "initial_centroids": result["initial_centroids"]}
+    # "blocking": the update waited for inside the step (before issue 17: 4 waits, now 3); "async": the
+    # trainer's path — update(block=False) after the optimiser step, completed by the next query. Between
+    # steps the trainer sleeps --model-ms, a stand-in for forward + backward on a GPU (a sleep leaves the
+    # CPU to the shards, as a GPU trainer would).
+    for mode in ("blocking", "async"):
+        times, waits, trips, traffic = [], [], [], []
+        for step in range(args.steps + 1):
+            ids = np.random.default_rng(step).choice(args.n, args.batch, replace=False)
+            q = torch.randn(args.batch, args.dim, requires_grad=True)
+            before = (bank.traffic_bytes, bank.wait_seconds, bank.round_trips)
+            start = time.perf_counter()
+            answer = bank.query(q, ids, intra_negatives=args.negatives, inter_negatives=args.negatives,
+                                strategy="semi_hard", temperature=0.1)
+            loss = interclr_loss(info_nce_from_logits(answer.intra_pos, answer.intra_neg, 0.1),
+                                 info_nce_from_logits(answer.inter_pos, answer.inter_neg, 0.1, margin=-0.5))
+            loss.backward()
+            bank.update(ids, q.detach(), block=mode == "blocking")
+            if step:
+                times.append(time.perf_counter() - start)
+                traffic.append(bank.traffic_bytes - before[0])
+                waits.append(bank.wait_seconds - before[1])
+                trips.append(bank.round_trips - before[2])
+            time.sleep(args.model_ms / 1000)
+        bank.settle()
+        out[mode] = {"ms_per_step": round(1000 * float(np.median(times)), 1),
+                     "bank_wait_ms_per_step": round(1000 * float(np.median(waits)), 1),
+                     "round_trips_per_step": float(np.mean(trips)), "bytes_per_step": int(np.median(traffic))}
+    out["ms_per_step"] = out["async"]["ms_per_step"]
+    out["bank_wait_saved"] = round(1 - out["async"]["bank_wait_ms_per_step"] /
+                                   max(out["blocking"]["bank_wait_ms_per_step"], 1e-9), 2)
     bank.shutdown()
     return out
 
@@ -211,6 +224,8 @@ def main() -> None:
     parser.add_argument("--shards", default="1,2")
     parser.add_argument("--total-shards", type=int, default=8, help="--mode shard: shards sharing K")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--model-ms", type=float, default=200.0,
+                        help="the trainer's forward + backward between steps (a sleep: the GPU's share)")
     args = parser.parse_args()
     out = {"benchmark": "bank_step", "n": args.n, "dim": args.dim, "clusters": args.clusters,
            "batch": args.batch, "negatives": args.negatives, "cores": os.cpu_count()}

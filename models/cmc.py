@@ -63,7 +63,7 @@ class CMC(Method):
                 pos, neg = self.bank(other).intra(z[anchor], ids, self.num_negatives, self.temperature)
                 loss = loss + info_nce_from_logits(pos, neg, self.temperature)
         for bank, view in zip(self.banks, z):
-            bank.update(ids, view.detach())
+            self.write_bank_after_step(bank, ids, view)
         return {"loss": loss, "cmc": loss.detach()}
 
     @torch.no_grad()

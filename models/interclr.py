@@ -89,6 +89,7 @@ class InterCLR(Method):
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
         self.base.after_optimizer_step(progress)
+        self.flush_bank_writes()
 
     def inter_active(self, epoch: int) -> bool:
         return epoch >= self.warmup_epochs
@@ -114,7 +115,7 @@ class InterCLR(Method):
                                                      query.temperature, query.pool_fraction)
                                    for anchor in step.anchors]
             inter = sum(self.inter_loss(pos, neg) for pos, neg in pairs)
-        self.bank().update(ids, step.bank_update)
+        self.write_bank_after_step(self.bank(), ids, step.bank_update)
         if inter is None:
             return {"loss": step.loss, "intra": step.loss.detach()}
         return {"loss": interclr_loss(step.loss, inter, self.weight), "intra": step.loss.detach(),

@@ -5,7 +5,8 @@ A method is an `nn.Module` with
     bank_requests()              the memory banks it needs (dim, momentum ω, pseudo-labels or not);
                                  the driver creates them and hands the clients to `attach_banks`
     training_step(batch, progress, epoch) -> dict   "loss" (to backpropagate) and per-branch values
-    after_optimizer_step(progress)                   EMA updates of its `momentum_pairs`
+    after_optimizer_step(progress)                   EMA updates of its `momentum_pairs`, then the bank
+                                                     updates its step queued (`write_bank_after_step`)
     backbone                     the encoder whose pooled output is the representation (kNN, linear eval)
     bank_features(batch)         what to write into its banks before the first step (no grad)
     intra_step(batch, bank, inter)   InterCLR bases only: the base's loss, anchors and bank update
@@ -96,6 +97,17 @@ class Method(nn.Module):
     def after_optimizer_step(self, progress: float) -> None:
         for online, target in self.momentum_pairs:
             ema_update(getattr(self, online), getattr(self, target), self.decay(progress))
+        self.flush_bank_writes()
+
+    def write_bank_after_step(self, bank, ids, feats: torch.Tensor) -> None:
+        """Queue a bank update (Eq. 2) for `after_optimizer_step`: a step whose backward or optimiser
+        step fails leaves the bank as it was, and the trainer does not wait for the shards
+        (`MemoryBank.update(block=False)`; its next query completes the update)."""
+        self.__dict__.setdefault("_bank_writes", []).append((bank, ids, feats.detach()))
+
+    def flush_bank_writes(self) -> None:
+        for bank, ids, feats in self.__dict__.pop("_bank_writes", []):
+            bank.update(ids, feats, block=False)
 
     @torch.no_grad()
     def prime(self, batch: dict) -> None:

@@ -42,7 +42,7 @@ class NPID(Method):
 
     def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
         step = self.intra_step(batch)
-        self.bank().update(single_ids(batch), step.bank_update)
+        self.write_bank_after_step(self.bank(), single_ids(batch), step.bank_update)
         return {"loss": step.loss, "intra": step.loss.detach()}
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

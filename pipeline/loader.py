@@ -5,6 +5,9 @@
     for batch in loader:   # {"views": [K × float NCHW], "index": int64 [B], "label": int64 [B]}
         ...
 
+Views are host tensors, or with device="gpu" and keep_on_gpu=True CUDA tensors on the pipeline's
+device (no host round trip; see `_to_torch`); "index" and "label" are always host tensors.
+
 ImCLR recipes (`imclr(n)`, concat = n) give rows of n distinct samples side by side (views
 [B, 3, H, n·W]), "index" int64 [B, n] (part j's sample id) and "label" float [B, C], the mean of the
 n one-hot labels; the pairing is drawn inside each DALI batch (`pipeline.views.imclr_parts`).
@@ -32,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def
+from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+from nvidia.dali.tensors import TensorListGPU
 
 from pipeline.manifest import Manifest
 from pipeline.views import Recipe, concat_parts, imclr_parts, recipe_by_name, views_graph
@@ -239,9 +244,11 @@ class DaliLoader:
 
     def __init__(self, root, recipe: Recipe, batch_size: int, device: str, rank: int, world_size: int,
                  seed: int, split: str, drop_last: bool, shuffle: bool, num_threads: int, initial_fill: int,
-                 raw: bool = False, pad_last: bool = False):
+                 raw: bool = False, pad_last: bool = False, keep_on_gpu: bool = False):
         if device not in ("cpu", "gpu"):
             raise LoaderError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        if keep_on_gpu and device != "gpu":
+            raise LoaderError("keep_on_gpu needs device='gpu': a CPU pipeline's views are host tensors")
         if not 0 <= rank < world_size:
             raise LoaderError(f"rank {rank} outside a world of {world_size}")
         if batch_size <= 0:
@@ -257,6 +264,8 @@ class DaliLoader:
         self.recipe, self.batch_size, self.drop_last, self.raw = recipe, batch_size, drop_last, raw
         self.pad_last = pad_last
         self.device, self.rank, self.world_size, self.seed = device, rank, world_size, seed
+        self.device_id = None if device == "cpu" else torch.cuda.current_device()  # kept across rebuilds
+        self.views_device = torch.device("cuda", self.device_id) if keep_on_gpu else None  # None: host
         self.shuffle, self.num_threads, self.initial_fill = shuffle, num_threads, initial_fill
         self.first, self.last = count * rank // world_size, count * (rank + 1) // world_size  # DALI's split
         self.samples = self.last - self.first  # this rank's share; every epoch yields this many rows
@@ -275,10 +284,9 @@ class DaliLoader:
             shard_id, num_shards = 0, 1
         self.readable = self.samples - len(self.skipped)
         recipe, device = self.recipe, self.device
-        device_id = None if device == "cpu" else torch.cuda.current_device()
         seed = self.seed * 1_000_003 + self.rank
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=device_id,
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                       seed=seed, enable_conditionals=True, prefetch_queue_depth=2)
         def graph():
             encoded, label, sample_id = fn.readers.webdataset(
@@ -329,15 +337,19 @@ class DaliLoader:
             self.pipe.run()
 
     def _run(self, take: int) -> dict:
-        outputs = self.pipe.run()
+        # views kept on the GPU: DALI hands its outputs over on torch's current stream (no host wait)
+        stream = None if self.views_device is None else torch.cuda.current_stream(self.views_device)
+        outputs = self.pipe.run(stream)
         n, k = self.recipe.concat, self.recipe.num_views
-        views, rows = [_to_torch(out)[:take] for out in outputs[:k]], list(range(take))
+        views, rows = [_to_torch(out, stream) for out in outputs[:k]], list(range(take))
         if n > 1 and take < self.batch_size:
             # the reader padded this batch and ImCLR rows come in a random order: keep the rows that
             # start with one of its `take` real samples, in reader order (once an epoch: a second copy)
             order = np.array(outputs[k + 2 * n].as_array()).reshape(-1)  # reader position of each row's part 0
             rows = np.argsort(order)[:take].tolist()
-            views = [_to_torch(out)[rows] for out in outputs[:k]]
+            views = [view[rows] for view in views]
+        else:
+            views = [view[:take] for view in views]
         labels = torch.tensor([[_number(outputs[k + j][i]) for j in range(n)] for i in rows])
         index = torch.tensor([[_number(outputs[k + n + j][i]) for j in range(n)] for i in rows])
         if n == 1:
@@ -400,18 +412,30 @@ def _number(sample) -> int:
     return int(np.array(sample).tobytes())  # .cls / .id members are ASCII decimal
 
 
-def _to_torch(tensor_list) -> torch.Tensor:
-    """One copy out of DALI's buffers (they are reused by later runs): `as_array` copies once;
-    np.array(as_tensor()) copied twice, 23 vs 17 ms per 64 × 3 × 224² float view batch."""
-    if hasattr(tensor_list, "as_cpu"):
-        tensor_list = tensor_list.as_cpu()
-    return torch.from_numpy(tensor_list.as_array())
+def _to_torch(tensor_list, stream: torch.cuda.Stream | None = None) -> torch.Tensor:
+    """One copy out of DALI's buffers into a tensor torch owns (DALI reuses or frees its buffers).
+
+    CPU outputs: `as_array` copies once (np.array(as_tensor()) copied twice, 23 vs 17 ms per
+    64 × 3 × 224² float view batch). GPU outputs with `stream` (torch's current stream, the one
+    `pipe.run(stream)` handed them over on): one device-to-device copy into a fresh tensor on that
+    stream's device with DALI's `feed_ndarray` (its DALIGenericIterator's copy), queued on the same
+    stream, so it follows DALI's work, precedes torch's later kernels, and DALI frees its buffer in
+    that stream's order, after the copy; the host never waits. GPU outputs without `stream` go to
+    host memory: loader actors (pipeline.actors) ship numpy through Ray's object store, so there a
+    GPU pipeline's views necessarily cross to the host."""
+    if not isinstance(tensor_list, TensorListGPU):
+        return torch.from_numpy(tensor_list.as_array())
+    if stream is None:
+        return torch.from_numpy(tensor_list.as_cpu().as_array())
+    dense = tensor_list.as_tensor()  # one [B, ...] tensor over the batch (fixed-size views)
+    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=stream.device)
+    return feed_ndarray(dense, out, cuda_stream=stream)
 
 
 def build_loader(root, recipe: str | Recipe, batch_size: int, device: str = "cpu", rank: int = 0,
                  world_size: int = 1, seed: int = 0, split: str = "train", drop_last: bool = False,
                  shuffle: bool = True, num_threads: int = 2, initial_fill: int = 1024,
-                 raw: bool = False, pad_last: bool = False) -> DaliLoader:
+                 raw: bool = False, pad_last: bool = False, keep_on_gpu: bool = False) -> DaliLoader:
     """A DALI loader over the shards of `root/<split>.json`.
 
     recipe: a `Recipe` or a name ("two_crop", "lab", "ydbdr", "k_views(K)"). device "cpu" decodes
@@ -421,8 +445,10 @@ def build_loader(root, recipe: str | Recipe, batch_size: int, device: str = "cpu
     batch_size by repeating its last row (`loader.padded` rows per epoch: fixed shapes for compiled
     models and BatchNorm); otherwise it is returned short (no sample repeated). raw=True gives
     uint8 RGB views, flipped but not normalised (`pipeline.views.normalize` finishes them; loader
-    actors ship these)."""
+    actors ship these). keep_on_gpu=True (device "gpu" only) hands the views to torch as CUDA
+    tensors on the pipeline's device with no host round trip (the in-process trainer); by default
+    a GPU pipeline's views are copied to host memory (loader actors need numpy)."""
     if isinstance(recipe, str):
         recipe = recipe_by_name(recipe)
     return DaliLoader(root, recipe, batch_size, device, rank, world_size, seed, split, drop_last, shuffle,
-                      num_threads, initial_fill, raw, pad_last)
+                      num_threads, initial_fill, raw, pad_last, keep_on_gpu)

@@ -75,7 +75,7 @@ class Batches:
             self.actor_loader = None
             self.build = lambda: build_loader(d.root, recipe, d.batch_size, device=d.device, rank=rank,
                                               world_size=world, seed=config.train.seed, split=d.train_split,
-                                              num_threads=d.loader_threads)
+                                              num_threads=d.loader_threads, keep_on_gpu=d.device == "gpu")
             self.loader = self.build()
 
     def head(self, steps: int):

@@ -215,7 +215,8 @@ def test_small_clusters_are_dissolved_into_the_most_similar_remaining_centroid(m
     feats = bank.get(ids)
     trips = bank.round_trips
     bank.update(ids, feats)  # no cluster gets small
-    assert bank.round_trips - trips == 2 and bank.upkeep["round_trips"] == 0  # the steady state
+    # the steady state: one wait (the shards pass the deltas to each other), no upkeep
+    assert bank.round_trips - trips == 1 and bank.upkeep["round_trips"] == 0
     _, before = move_members(bank, cluster=1, keep=5, target=3)
     leftovers = np.flatnonzero(before == 1)
     assert len(leftovers) == 5  # below min_cluster: dissolved
@@ -586,3 +587,42 @@ def test_offline_labels_stay_fixed_between_kmeans_runs(make_bank):
     assert (new_labels != labels).sum() > 10
     for c in np.unique(new_labels):
         np.testing.assert_allclose(offline.centroids()[c], feats[new_labels == c].mean(0), atol=1e-5)
+
+
+# --- the bank off the trainer's critical path (issue 17) -------------------------------------------
+
+def test_an_asynchronous_update_costs_no_wait_and_the_next_read_sees_it(make_bank):
+    """update(block=False) returns at once; the next call of the same client completes it in its own
+    ray.get (Ray runs one caller's tasks on an actor in order), so a step is the query's two waits."""
+    bank, _, _ = clustered_bank(make_bank, shards=2, momentum=0.5)
+    sync, _, _ = clustered_bank(make_bank, shards=2, momentum=0.5)
+    rng = np.random.default_rng(7)
+    for step in range(6):
+        ids = rng.choice(600, size=48, replace=False)
+        q = torch.randn(48, 8)
+        trips = bank.round_trips
+        answer = bank.query(q, ids, intra_negatives=32, inter_negatives=32, strategy="semi_hard", seed=step)
+        expected = sync.query(q, ids, intra_negatives=32, inter_negatives=32, strategy="semi_hard", seed=step)
+        bank.update(ids, q, block=False)
+        assert bank.round_trips - trips == 2  # anchors (+ the last update), score; the update: none
+        sync.update(ids, q)
+        torch.testing.assert_close(answer.inter_pos, expected.inter_pos)  # the same bank state was read
+        torch.testing.assert_close(answer.intra_neg, expected.intra_neg)
+        np.testing.assert_allclose(bank.get(ids).numpy(), sync.get(ids).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(bank.labels(np.arange(600)).numpy(), sync.labels(np.arange(600)).numpy())
+    assert_replicas_are_member_means(bank)
+
+
+def test_upkeep_due_after_an_asynchronous_update_runs_before_the_next_query_reads_labels(make_bank):
+    bank, _, _ = clustered_bank(make_bank, shards=2, momentum=1.0, min_cluster=20)
+    feats = bank.get(np.arange(600)).numpy()
+    labels = bank.labels(np.arange(600)).numpy()
+    members = np.flatnonzero(labels == 1)[:-5]  # all but 5 members of cluster 1 move to cluster 3
+    target = bank.centroids()[3] / np.linalg.norm(bank.centroids()[3])
+    bank.update(members, np.tile(target, (len(members), 1)), block=False)
+    answer = bank.query(torch.tensor(feats[:4]), np.arange(4), inter_negatives=8, strategy="random", seed=0,
+                        return_ids=True)
+    after = bank.labels(np.arange(600)).numpy()
+    assert bank.stats()["upkeep_dissolved"] >= 1 and np.bincount(after, minlength=6).min() >= 20
+    for i in range(4):  # negatives drawn with the labels after upkeep: none shares the anchor's label
+        assert (after[answer.inter_negative_ids[i]] != after[i]).all()

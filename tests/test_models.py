@@ -308,6 +308,8 @@ def test_interclr_step_talks_to_a_real_bank(ray_cluster, base):
     torch.testing.assert_close(out["loss"], 0.75 * out["intra"] + 0.25 * out["inter"])
     out["loss"].backward()
     assert all(p.grad is not None for p in method.backbone.parameters())
+    torch.testing.assert_close(before, bank.get(batch["index"]))  # no write before the optimiser step
+    method.after_optimizer_step(0.0)
     after = bank.get(batch["index"])
     assert not torch.allclose(before, after)  # the batch's rows moved (Eq. 2)
     torch.testing.assert_close(untouched, bank.get(batch["index"] + 1))  # nothing else did

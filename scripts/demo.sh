@@ -7,11 +7,21 @@ PY=${PY:-.venv/bin/python}
 RAY=${RAY:-.venv/bin/ray}
 SRC=${FASHION_MNIST_DIR:-/usr/share/datasets/fashion-mnist}
 DATA=${DEMO_DATA:-data/fashion-mnist-demo}
-PORT=${DEMO_RAY_PORT:-6390}
-DASHBOARD=${DEMO_DASHBOARD_PORT:-8266}
+RUNS=${DEMO_RUNS:-runs}
 ARGS=("$@")
 case "$PY" in /*) ;; *) PY="$PWD/$PY" ;; esac  # the job runs in Ray's copy of the working dir
 case "$RAY" in /*) ;; *) RAY="$PWD/$RAY" ;; esac
+case "$RUNS" in /*) ;; *) RUNS="$PWD/$RUNS" ;; esac
+case "$DATA" in /*) ;; *) DATA="$PWD/$DATA" ;; esac
+# Every port of the head free at start (another Ray on this machine keeps Ray's defaults, e.g. the
+# dashboard agent's 52365): GCS, dashboard, agent listen / gRPC, runtime-env agent, metrics, client.
+read -r PORT DASHBOARD AGENT AGENT_GRPC RUNTIME_ENV METRICS CLIENT < <("$PY" -c '
+import socket
+socks = [socket.socket() for _ in range(7)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))')
+PORT=${DEMO_RAY_PORT:-$PORT}
+DASHBOARD=${DEMO_DASHBOARD_PORT:-$DASHBOARD}
 
 if [ ! -f "$SRC/train-images-idx3-ubyte.gz" ]; then
   echo "error: Fashion-MNIST not found in $SRC (apt-get install dataset-fashion-mnist)" >&2
@@ -22,7 +32,7 @@ fi
 [ -f "$DATA/val.json" ] || "$PY" -m pipeline.convert fashion-mnist "$SRC" "$DATA" --split val --shard-size 4M
 
 # every make demo is a fresh run (the same name would resume the last one's checkpoint)
-rm -rf runs/demo
+rm -rf "$RUNS/demo"
 # Ray 2.60 token authentication stays on: both `ray start` and `ray job submit` need the mode set.
 export RAY_AUTH_MODE=token
 # The head gets its own temp dir (short: Ray's socket paths must fit 107 bytes); on exit only the
@@ -35,13 +45,16 @@ stop_own_ray() {
   rm -rf "$RAY_TMP"
 }
 trap stop_own_ray EXIT
-"$RAY" start --head --port="$PORT" --dashboard-port="$DASHBOARD" --temp-dir="$RAY_TMP" \
-  --disable-usage-stats >/dev/null
+"$RAY" start --head --port="$PORT" --dashboard-port="$DASHBOARD" --dashboard-agent-listen-port="$AGENT" \
+  --dashboard-agent-grpc-port="$AGENT_GRPC" --runtime-env-agent-port="$RUNTIME_ENV" \
+  --metrics-export-port="$METRICS" --ray-client-server-port="$CLIENT" --temp-dir="$RAY_TMP" \
+  ${DEMO_RAY_START_ARGS:-} --disable-usage-stats >/dev/null
+echo "demo: Ray head in $RAY_TMP, port $PORT, dashboard http://127.0.0.1:$DASHBOARD (stopped when the demo ends)"
 # The dashboard's job agent comes up a few seconds after `ray start`; retry only that refusal.
 LOG=$(mktemp)
 for attempt in $(seq 1 30); do
   if "$RAY" job submit --address "http://127.0.0.1:$DASHBOARD" --working-dir . -- \
-      "$PY" jobs/interclr_imagenet.py --preset demo --shards "$PWD/$DATA" --storage "$PWD/runs" "${ARGS[@]}" 2>&1 | tee "$LOG"; then
+      "$PY" jobs/interclr_imagenet.py --preset demo --shards "$DATA" --storage "$RUNS" "${ARGS[@]}" 2>&1 | tee "$LOG"; then
     [ "${PIPESTATUS[0]}" = 0 ] && exit 0
   fi
   grep -q "No available agent" "$LOG" || exit 1

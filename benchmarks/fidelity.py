@@ -7,6 +7,7 @@ full 60k train / 10k test split. Writes OUT/fidelity.json and OUT/fidelity.md.
     python benchmarks/fidelity.py --quick                   # one seed, 2 epochs of 5k images, ≤ 30 min
     python benchmarks/fidelity.py                           # 2 seeds, 8 epochs of 9k images, ≤ 4 h
     python benchmarks/fidelity.py --only negative_sampling --seeds 3
+    python benchmarks/fidelity.py --report                  # the table from the cells cached so far
 
 Each finished cell is cached as OUT/cells/<claim>/<config>/seed<k>.json; a rerun skips cached
 cells, so a killed study resumes (a cell killed mid-training resumes from its Ray Train
@@ -618,6 +619,10 @@ def render_markdown(rows: list[dict], header: dict) -> str:
              f"set, {header['epochs']} epochs, {header['seeds']} seed(s), demo preset (ResNet-18 ×0.5, 28 px, "
              f"2 CPU cores) · {header['cells_done']} cells, {_clock(header['cell_seconds'])} of cell wall time "
              "(driver and probe) · linear probe: jobs/linear_eval.py on the full 60k train / 10k test split.",
+             "", "Baselines on the same split (kNN memory of the regular set, the 10k test images): random-init "
+             f"encoder kNN {_number(*header['baselines']['random_init_knn'])}, mean-centred pixels kNN "
+             f"{_number(*header['baselines']['pixels_knn'])} (mean ± sd over the cells' runs). A method that "
+             "does not beat these has not learned more than its architecture or the pixels give.",
              "", RULE, "",
              "| claim | source | paper | ours | holds | note |", "|---|---|---|---|---|---|"]
     verdict = {True: "yes", False: "no", None: "not decidable"}
@@ -646,6 +651,15 @@ def render_markdown(rows: list[dict], header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def baselines(records: dict[str, dict]) -> dict:
+    """The job's own baselines on the regular set's cells (their kNN memory and val split are the
+    same): kNN top-1 of the encoder at random init (per seed: the same initial weights) and of
+    mean-centred raw pixels."""
+    regular = [r["metrics"] for r in records.values() if r.get("dataset", "regular") == "regular"]
+    return {name: mean_sd([m[key] for m in regular if m.get(key) is not None])
+            for name, key in (("random_init_knn", "knn_top1_random_init"), ("pixels_knn", "knn_top1_pixels"))}
+
+
 def write_report(out: Path, cells: list[Cell], budget: Budget, mode: str, only: list[str] | None) -> list[dict]:
     """OUT/fidelity.json and OUT/fidelity.md from the cached cells (a partial study gives a partial table)."""
     records = {cell.label: record for cell in cells if not cell.needs
@@ -654,7 +668,7 @@ def write_report(out: Path, cells: list[Cell], budget: Budget, mode: str, only: 
     header = {"date": datetime.date.today().isoformat(), "mode": mode, "train_images": budget.train_images,
               "epochs": budget.epochs, "seeds": max((c.seed + 1 for c in cells), default=0),
               "cell_seconds": sum(r.get("seconds", 0.0) for r in records.values() if "reused_from" not in r),
-              "cells_done": len(records)}
+              "cells_done": len(records), "baselines": baselines(records)}
     write_json_atomic(out / "fidelity.json", rows)
     tmp = out / ".fidelity.md.tmp"
     tmp.write_text(render_markdown(rows, header))
@@ -693,6 +707,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, help="seeds per cell (default: 1 quick, 2 full)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/fidelity[-quick])")
     parser.add_argument("--dry-run", action="store_true", help="print the cells and the budget estimate; run nothing")
+    parser.add_argument("--report", action="store_true",
+                        help="write fidelity.json / fidelity.md from the cells cached so far; run nothing")
     args = parser.parse_args(argv)
     if args.only:
         args.only = [name.strip() for item in args.only for name in item.split(",") if name.strip()]
@@ -717,6 +733,10 @@ def main(argv=None, runner: Callable | None = None, log=print) -> int:
     cells = plan(budget, runs, args.only, args.seeds)
     if args.dry_run:
         print_plan(cells, out, budget, log)
+        return 0
+    if args.report:
+        write_report(out, cells, budget, mode, args.only)
+        log(f"fidelity: {out / 'fidelity.md'} (from the cached cells)")
         return 0
     prepare_datasets(cells, budget, log)
     try:

@@ -257,3 +257,16 @@ def test_dry_run_lists_every_cell_and_runs_nothing(fidelity, tmp_path, monkeypat
         assert "estimate" in text
         assert not out.exists()
         assert not (ROOT / "runs" / out.name).exists()
+
+
+def test_report_writes_the_table_from_cached_cells_and_runs_nothing(fidelity, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cells = fidelity.plan(fidelity.BUDGETS["full"], Path("runs") / tmp_path.name, ["imclr"])
+    fidelity.run_cells(cells[:1], tmp_path, RecordingRunner(), log=lambda line: None)  # one cell cached
+    runner = RecordingRunner(kill_on=1)  # any cell run would raise
+    assert fidelity.main(["--report", "--only", "imclr", "--out", str(tmp_path)], runner=runner,
+                         log=lambda line: None) == 0
+    assert runner.calls == []
+    rows = json.loads((tmp_path / "fidelity.json").read_text())
+    assert rows[0]["ours"]["plain"]["n"] == 1 and rows[0]["ours"]["imclr2"]["n"] == 0
+    assert "1 cells" in (tmp_path / "fidelity.md").read_text()

@@ -4,6 +4,7 @@
     python -m pipeline.convert imagenet22k   SRC OUT
     python -m pipeline.convert webvision     SRC OUT --split train|val
     python -m pipeline.convert fashion-mnist SRC OUT --split train|val
+    python -m pipeline.convert imagenet22k   SRC OUT --ray auto   # shard writers on a Ray cluster
 
 How it runs (and why it survives a kill):
 1. List the source (cheap: paths, tar headers, sizes) and make a seeded global permutation; cut
@@ -12,7 +13,8 @@ How it runs (and why it survives a kill):
 2. Workers write shards in parallel. A shard is written to `.partial`, fsynced and renamed, then a
    per-shard record (`OUT/.convert/<split>-NNNNNN.json`) marks it done. Images that do not decode
    are rejected there with a reason. A kill loses at most the shards in flight; `--resume` redoes
-   exactly those.
+   exactly those. With `--ray ADDRESS` the writers are Ray tasks spread over the cluster's nodes
+   (the same `write_shard`, so the same bytes); SRC and OUT must be the same paths on every node.
 3. Finalize: ids are assigned densely in plan order over the accepted samples, written into the
    shards in place (`shards.patch_ids`), then the manifest, `OUT/<split>.json` and
    `OUT/<split>-rejected.txt`. Finalize is idempotent.
@@ -27,6 +29,7 @@ import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +133,11 @@ def _init_worker(counter) -> None:
 
 
 def write_shard(out: str, split: str, shard_number: int, first_position: int,
-                items: list[sources.SourceItem]) -> dict:
-    """Write one shard and its DALI index; return (and persist) the record finalize needs."""
+                items: list[sources.SourceItem], node: dict | None = None) -> dict:
+    """Write one shard and its DALI index; return (and persist) the record finalize needs.
+
+    `node` ({"ip", "id"}) is the Ray node writing it, None for local workers. There a source file that
+    does not exist is an error, not a rejected image: the driver listed it, so the node sees other storage."""
     name = f"{split}-{shard_number:06d}"
     tar_path = os.path.join(out, f"{name}.tar")
     writer = ShardWriter(tar_path + ".partial")
@@ -141,6 +147,11 @@ def write_shard(out: str, split: str, shard_number: int, first_position: int,
             ext, data = prepare_image(sources.read_item(item.locator))
         except ImageRejected as exc:
             rejected.append((item.source, str(exc)))
+        except FileNotFoundError as exc:
+            if node is not None:
+                raise ConversionError(f"{describe(node)} cannot read {exc.filename or item.locator[1]}, which the "
+                                      "driver listed: SRC must be on storage every node mounts at the same path")
+            rejected.append((item.source, f"unreadable: {exc}"))
         except OSError as exc:
             rejected.append((item.source, f"unreadable: {exc}"))
         else:
@@ -162,9 +173,26 @@ def write_shard(out: str, split: str, shard_number: int, first_position: int,
         "planned": len(items),
         "samples": [[s.position, s.sample_offset, s.id_offset, s.label] for s in writer.samples],
         "rejected": rejected,
+        "node": node,
     }
     write_atomic(os.path.join(out, ".convert", f"{name}.json"), json.dumps(record).encode())
     return record
+
+
+def write_shard_on_node(out: str, split: str, shard_number: int, first_position: int,
+                        items: list[sources.SourceItem]) -> dict:
+    """`write_shard` as a Ray task, on whichever node Ray chose; the record names that node."""
+    import ray
+    node = {"ip": ray.util.get_node_ip_address(), "id": ray.get_runtime_context().get_node_id()}
+    plan_path = os.path.join(out, ".convert", f"{split}-plan.json")
+    if not os.path.isfile(plan_path):  # written by the driver before any task
+        raise ConversionError(f"{describe(node)} cannot see {plan_path}: OUT must be on storage every node "
+                              "mounts at the same path")
+    return write_shard(out, split, shard_number, first_position, items, node=node)
+
+
+def describe(node: dict) -> str:
+    return f"node {node['ip']} (Ray node id {node['id']})"
 
 
 # --- driver side -------------------------------------------------------------------------------
@@ -172,8 +200,11 @@ def write_shard(out: str, split: str, shard_number: int, first_position: int,
 def convert(fmt: str, src: Path, out: Path, split: str = "train", *, list_file: Path | None = None,
             shard_size: int | None = DEFAULT_SHARD_SIZE, max_count: int | None = None, seed: int = 0,
             workers: int | None = None, limit: int | None = None, resume: bool = False,
-            imbalance: str | None = None, log=print) -> dict:
-    """Run a conversion; returns the summary written to `OUT/<split>.json`."""
+            imbalance: str | None = None, ray_address: str | None = None, log=print) -> dict:
+    """Run a conversion; returns the summary written to `OUT/<split>.json`. With `ray_address`
+    ("auto", "HOST:6379") the shard writers run as Ray tasks on that cluster, `workers` at a time
+    (default: its CPUs); the plan and the manifest stay here."""
+    src, out = src.absolute(), out.absolute()  # Ray tasks and forked workers may run elsewhere
     listing = list_source(fmt, src, split, list_file)
     if not listing.items:
         raise ConversionError(f"{src} holds no images for split {split!r}")
@@ -203,15 +234,30 @@ def convert(fmt: str, src: Path, out: Path, split: str = "train", *, list_file: 
 
     shards = plan_shards(listing.items, seed, limit, shard_size, max_count, imbalance)
     starts = np.cumsum([0] + [len(s) for s in shards])
-    todo = [n for n in range(len(shards)) if not (state / f"{split}-{n:06d}.json").exists()]
+    written = set(os.listdir(state))  # one listing, not a lookup per shard (cheaper on network storage)
+    todo = [n for n in range(len(shards)) if f"{split}-{n:06d}.json" not in written]
     total = int(starts[-1])
     done_before = total - sum(len(shards[n]) for n in todo)
     if done_before:
         log(f"resume: {len(shards) - len(todo)} of {len(shards)} shards already written")
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-    log(f"converting {fmt} {split}: {total} images into {len(shards)} shards with {workers} workers")
+    jobs = [(str(out), split, n, int(starts[n]), [listing.items[i] for i in shards[n]]) for n in todo]
     started = time.monotonic()
-    _write_all(out, split, shards, starts, todo, listing.items, workers, done_before, total)
+    if ray_address is None or not todo:
+        workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+        log(f"converting {fmt} {split}: {total} images into {len(shards)} shards with {workers} workers")
+        progress = Progress(total, f"convert {split}", initial=done_before)
+        _write_all(jobs, workers, progress)
+    else:
+        with _ray_connection(ray_address) as ray:
+            workers = max(1, min(workers or int(ray.cluster_resources().get("CPU", 1)), len(todo) or 1))
+            log(f"converting {fmt} {split}: {total} images into {len(shards)} shards with Ray tasks, "
+                f"{workers} at a time, on a cluster of {sum(node['Alive'] for node in ray.nodes())} nodes")
+            progress = Progress(total, f"convert {split}", initial=done_before)
+            nodes = _write_all_on_ray(jobs, workers, progress)
+    progress.update(total - progress.done)
+    progress.close()
+    if ray_address is not None and todo:
+        log(f"ray: {len(todo)} shards written on {len(nodes)} nodes")
     summary = finalize(out, split, len(shards), listing.classes, listing.rejected)
     seconds = time.monotonic() - started
     summary_rate = (total - done_before) / seconds if seconds > 0 else 0.0
@@ -222,17 +268,15 @@ def convert(fmt: str, src: Path, out: Path, split: str = "train", *, list_file: 
     return summary
 
 
-def _write_all(out, split, shards, starts, todo, items, workers, done_before, total) -> None:
-    progress = Progress(total, f"convert {split}", initial=done_before)
-    jobs = [(str(out), split, n, int(starts[n]), [items[i] for i in shards[n]]) for n in todo]
+def _write_all(jobs, workers, progress) -> None:
     if workers == 1:
         for job in jobs:
             write_shard(*job)
             progress.update(len(job[4]))
-        progress.close()
         return
     ctx = mp.get_context("fork")
     counter = ctx.Value("q", 0)
+    done_before = progress.done
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool:
         pending = {pool.submit(write_shard, *job) for job in jobs}
         while pending:
@@ -240,8 +284,62 @@ def _write_all(out, split, shards, starts, todo, items, workers, done_before, to
             for future in finished:
                 future.result()  # re-raise a worker failure here
             progress.update(done_before + counter.value - progress.done)
-    progress.update(total - progress.done)
-    progress.close()
+
+
+@contextmanager
+def _ray_connection(address: str):
+    """Connect to the cluster at `address` unless this process already is (a `ray job`, whose own
+    runtime env carries the code); disconnect only what was connected here. Yields the `ray` module.
+    The code (pipeline/, runtime/) travels with the connection; its Python packages (Pillow, numpy,
+    lmdb, tqdm) must be installed on every node."""
+    import ray
+
+    import runtime
+    if ray.is_initialized():
+        yield ray
+        return
+    code = [str(Path(__file__).parent), str(Path(runtime.__file__).parent)]
+    try:
+        ray.init(address=address, configure_logging=False, runtime_env={"py_modules": code})
+    except ConnectionError as exc:
+        raise ConversionError(f"--ray {address}: {exc} (start the cluster with RAY_AUTH_MODE=token exported, "
+                              "or pass its HEAD:6379)") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _write_all_on_ray(jobs, workers, progress) -> set[str]:
+    """One Ray task per shard (num_cpus=1, SPREAD over the nodes), at most `workers` in flight so the
+    item lists of a 14M-image plan are not all in the object store at once. Returns the ids of the
+    nodes that wrote them."""
+    import ray
+    task = ray.remote(write_shard_on_node).options(num_cpus=1, scheduling_strategy="SPREAD")
+    waiting, in_flight, nodes = list(reversed(jobs)), set(), set()
+    try:
+        while waiting or in_flight:
+            while waiting and len(in_flight) < workers:
+                in_flight.add(task.remote(*waiting.pop()))
+            (finished,), _ = ray.wait(list(in_flight), num_returns=1)
+            in_flight.remove(finished)
+            record = _get_task_result(ray, finished)
+            nodes.add(record["node"]["id"])
+            progress.update(record["planned"])
+    finally:
+        for ref in in_flight:  # after a failure: stop the shards still in flight (--resume redoes them)
+            ray.cancel(ref)
+    return nodes
+
+
+def _get_task_result(ray, ref) -> dict:
+    """The task's record, or its ConversionError as one (a task's errors arrive wrapped)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, ConversionError):
+            raise ConversionError(str(exc.cause)) from None
+        raise
 
 
 def finalize(out: Path, split: str, num_shards: int, classes: list[str],
@@ -301,12 +399,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="approximate bytes per shard (default 1G; accepts K/M/G suffixes)")
         p.add_argument("--max-count", type=_positive, help="at most this many samples per shard")
         p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
-        p.add_argument("--workers", type=_positive, help="parallel shard writers (default: all cores)")
+        p.add_argument("--workers", type=_positive,
+                       help="parallel shard writers (default: all cores; with --ray, the cluster's CPUs)")
         p.add_argument("--limit", type=_positive, help="convert only the first N images after the shuffle")
         p.add_argument("--imbalance", choices=IMBALANCE_RULES,
                        help="keep a fraction of each class c: linear (c+1)/C or exponential exp(c+1)/exp(C) "
                             "(CACR's label-imbalanced sets), seeded by --seed")
         p.add_argument("--resume", action="store_true", help="finish an interrupted conversion into OUT")
+        p.add_argument("--ray", dest="ray_address", metavar="ADDRESS",
+                       help="write the shards as Ray tasks on this cluster ('auto' or HEAD:6379); SRC and "
+                            "OUT must be shared storage, the same paths on every node")
     return parser.parse_args(argv)
 
 
@@ -335,7 +437,7 @@ def main(argv=None) -> int:
         convert(args.format, args.src, args.out, args.split, list_file=getattr(args, "list_file", None),
                 shard_size=args.shard_size, max_count=args.max_count, seed=args.seed,
                 workers=args.workers, limit=args.limit, resume=args.resume, imbalance=args.imbalance,
-                log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                ray_address=args.ray_address, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (ConversionError, sources.LayoutError, manifest_lib.ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

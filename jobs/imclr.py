@@ -11,6 +11,7 @@ summary.json `val_top1` and the line `val top-1: X`.
     python jobs/imclr.py --preset demo --shards data/fashion-mnist-demo --imclr 0    # the baseline
     ray job submit --working-dir . -- python jobs/imclr.py --preset imagenet --imclr 2
     python jobs/imclr.py --preset demo --imclr 3 --print-config
+    python jobs/imclr.py --config configs/supervised/fashion_mnist.yaml --imclr 2 --name imclr2-fmnist
 """
 import argparse
 import sys
@@ -24,14 +25,22 @@ from runtime.driver import main  # noqa: E402
 def driver_argv(argv: list[str]) -> list[str]:
     """The driver's command line: --imclr N becomes method.imclr=N and the run is named after it
     (supervised-<preset> or imclr<N>-<preset>, so it never resumes another job's `demo` run); the
-    user's own flags and --set come last and win. The optimiser is the supervised method's default
-    (runtime.optim), the same for both: the paper changes no hyper-parameter."""
+    user's own flags and --set come last and win. With --config the file names the run and says N,
+    unless --imclr is given. The optimiser is the supervised method's default (runtime.optim), the
+    same for both: the paper changes no hyper-parameter."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--imclr", default="2")
-    parser.add_argument("--preset", default="imagenet")
+    parser.add_argument("--imclr")
+    parser.add_argument("--preset")
+    parser.add_argument("--config")
     args, rest = parser.parse_known_args(argv)
-    name = f"supervised-{args.preset}" if args.imclr == "0" else f"imclr{args.imclr}-{args.preset}"
-    return ["--preset", args.preset, "--name", name, "--set", f"method.imclr={args.imclr}", *rest]
+    if args.config is not None:
+        preset = [] if args.preset is None else ["--preset", args.preset]  # the driver refuses both
+        imclr = [] if args.imclr is None else ["--set", f"method.imclr={args.imclr}"]
+        return ["--config", args.config, *preset, *imclr, *rest]
+    imclr = "2" if args.imclr is None else args.imclr
+    preset = "imagenet" if args.preset is None else args.preset
+    name = f"supervised-{preset}" if imclr == "0" else f"imclr{imclr}-{preset}"
+    return ["--preset", preset, "--name", name, "--set", f"method.imclr={imclr}", *rest]
 
 
 if __name__ == "__main__":

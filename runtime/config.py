@@ -1,13 +1,19 @@
-"""Job configuration as data: dataclasses with the papers' defaults, named presets, dotted
-command-line overrides (`--set train.epochs=3`), printed at job start, validated with one-line errors.
+"""Job configuration as data: dataclasses with the papers' defaults; YAML config files (configs/, and
+a run's config.json) that set keys on top of them, the presets among them; dotted command-line
+overrides (`--set train.epochs=3`); printed at job start with the keys the method reads; validated
+with one-line errors.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -129,29 +135,80 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "b
             "train": TrainConfig, "eval": EvalConfig}
 
 
-PRESETS = {
-    # InterCLR Sect. 5.1.2: ResNet-50, batch 256 over 4 GPUs, 200 epochs, 10k clusters
-    "imagenet": {"name": "interclr-imagenet", "data.root": "shards/imagenet", "data.batch_size": 64, "eval.pixel_baseline": False,
-                 "data.device": "gpu", "train.num_workers": 4, "train.use_gpu": True, "bank.shards": 4},
-    # 14.2M images: 1/10 of the epochs (CACR App. C.2); more clusters, fp16 bank on 8 shards
-    "imagenet22k": {"name": "interclr-imagenet22k", "data.root": "shards/imagenet22k", "data.batch_size": 64, "eval.pixel_baseline": False,
-                    "data.device": "gpu", "train.num_workers": 8, "train.use_gpu": True, "train.epochs": 20,
-                    "bank.shards": 8, "bank.clusters": 50_000, "bank.dtype": "float16"},
-    # 2.4M images: 1/2 of the epochs (CACR App. C.2)
-    "webvision": {"name": "interclr-webvision", "data.root": "shards/webvision", "data.batch_size": 64, "eval.pixel_baseline": False,
-                  "data.device": "gpu", "train.num_workers": 4, "train.use_gpu": True, "train.epochs": 100,
-                  "bank.shards": 4, "bank.clusters": 10_000},
-    # Fashion-MNIST (make demo): MoCo-v2-InterCLR (README's demo section: no setting measured here did
-    # better beyond one seed), ResNet-18 ×0.5, CPU, a loader actor; about 8 minutes on 2 cores
-    "demo": {"name": "demo", "data.root": "data/fashion-mnist-demo", "data.image_size": 28, "data.batch_size": 256,
-             "data.min_crop_scale": 0.5, "data.loaders": 1, "data.loader_cpus": 0.5, "data.loader_threads": 1,
-             "model.encoder": "resnet18", "model.width": 0.5, "method.base": "moco", "method.queue_size": 4096,
-             "method.key_momentum": 0.99, "method.num_negatives": 1024, "method.warmup_epochs": 1,
-             "bank.shards": 2, "bank.clusters": 100, "bank.kmeans_iters": 10, "bank.init": "random",
-             "train.epochs": 6, "train.weight_decay": 5e-4, "train.num_workers": 1,
-             "train.cpus_per_worker": 1.5, "train.torch_threads": 2, "train.checkpoint_every": 100,
-             "train.max_failures": 2},
+# The keys only some methods read: runtime/build.py `build_method` passes them to these methods only;
+# a bank's keys reach the methods that request a bank, the clustering ones InterCLR's clustered bank.
+# Every other key applies to every method. print_config shows a method's keys only, and a key set by
+# the user (--set, a flag, a config file) that the method does not read is a ConfigError.
+_BANK = ("bank.shards", "bank.dtype", "bank.init", "bank.gpus_per_shard")
+_CLUSTERS = ("bank.clusters", "bank.min_cluster", "bank.labels", "bank.kmeans_iters")
+_KEY_ENCODER = ("method.queue_size", "method.key_momentum", "model.shuffle_bn", "model.bn_splits")
+METHOD_KEYS = {
+    "simclr": ("method.temperature", "method.gather", "method.loss", "method.positives"),
+    "npid": ("method.temperature", "method.num_negatives", *_BANK),
+    "moco": ("method.temperature", "method.symmetric", *_KEY_ENCODER),
+    "byol": (),
+    "cmc": ("method.temperature", "method.num_negatives", "method.paradigm", "method.colorspace", *_BANK),
+    "cacr": ("method.positives", "method.intra_batch", "method.detach_queue_weights", *_KEY_ENCODER),
+    "interclr": ("method.base", "method.num_negatives", "method.strategy", "method.weight", "method.inter_margin",
+                 "method.warmup_epochs", "method.temperature", "method.symmetric", *_KEY_ENCODER, *_BANK, *_CLUSTERS),
+    "supervised": ("method.imclr",),
 }
+METHOD_NAMES = tuple(METHOD_KEYS)
+_TITLES = {"simclr": "SimCLR", "npid": "NPID", "moco": "MoCo", "byol": "BYOL", "cmc": "CMC", "cacr": "CACR",
+           "interclr": "InterCLR", "supervised": "supervised ImCLR"}
+_OWNED = {key for keys in METHOD_KEYS.values() for key in keys}
+
+
+def applies(key: str, method: str) -> bool:
+    """Whether `method` reads the dotted `key`."""
+    return key not in _OWNED or key in METHOD_KEYS.get(method, ())
+
+
+def _owners(key: str) -> str:
+    names = [f"{_TITLES[m]}'s" for m, keys in METHOD_KEYS.items() if key in keys]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def check_applicable(config: JobConfig, given: dict[str, tuple[str, object]]) -> None:
+    """`given`: dotted key → (where the user set it: a flag, "--set" or a file; the value). A key the
+    config's method does not read would be silently ignored; refuse it there instead, every such key
+    at once (a file may hold several)."""
+    method = config.method.name
+    unread = {key: source for key, source in given.items() if not applies(key, method)}
+    if len(unread) == 1:
+        (key, (where, value)), = unread.items()
+        said = (f"given by --set {key}={value}" if where == "--set" else
+                f"given by {where}" if where.startswith("--") else f"set to {value} in {where}")
+        raise ConfigError(f"{key} does not apply to {method} (it is {_owners(key)}; {said})")
+    if unread:
+        by_source = {}
+        for key, (where, value) in unread.items():
+            by_source.setdefault(where, []).append(f"{key}={value} ({_owners(key)})")
+        raise ConfigError(f"{len(unread)} keys do not apply to {method} (remove them): "
+                          + "; ".join(f"{where}: {', '.join(keys)}" for where, keys in by_source.items()))
+
+
+def _flatten(tree: dict) -> dict:
+    """{"name": .., "train": {"epochs": 6}} → {"name": .., "train.epochs": 6}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+DEFAULTS = _flatten(JobConfig().to_dict())  # every config key, dotted, with its default
+
+
+def _unknown_key(dotted: str) -> ConfigError:
+    """The closest valid key: one with the same last part (method.lr → train.lr), else difflib's."""
+    leaf = dotted.rpartition(".")[2]
+    close = [key for key in DEFAULTS if key.rpartition(".")[2] == leaf] or \
+        difflib.get_close_matches(dotted, DEFAULTS, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ConfigError(f"unknown config key {dotted!r}{hint}")
 
 
 _OPTIONAL_TYPES = {"train.optimizer": str, "train.lr": float, "train.weight_decay": float, "train.momentum": float,
@@ -174,19 +231,77 @@ def _convert(text: str, current, name: str):
         raise ConfigError(f"{name}={text!r}: expected {kind.__name__}") from None
 
 
+def typed(dotted: str, value):
+    """`value` as the type of the config key `dotted`: text is parsed (the command line, and YAML 1.1's
+    `1e-4`, which it reads as a string); numbers, booleans and null from YAML or JSON are checked."""
+    if dotted not in DEFAULTS:
+        raise _unknown_key(dotted)
+    if isinstance(value, str):
+        return _convert(value, DEFAULTS[dotted], dotted)
+    kind = _OPTIONAL_TYPES.get(dotted, type(DEFAULTS[dotted]))
+    if value is None and dotted in _OPTIONAL_TYPES:
+        return None
+    if kind is float and type(value) is int:
+        return float(value)
+    if type(value) is not kind:
+        raise ConfigError(f"{dotted}={value!r}: expected {kind.__name__}")
+    return value
+
+
 def apply_overrides(config: JobConfig, overrides: dict) -> JobConfig:
     for dotted, value in overrides.items():
-        target, key = config, dotted
-        if "." in dotted:
-            section, key = dotted.split(".", 1)
-            if section not in SECTIONS:
-                raise ConfigError(f"unknown config section {section!r} in {dotted!r} "
-                                  f"(sections: {', '.join(SECTIONS)})")
-            target = getattr(config, section)
-        if not hasattr(target, key) or dataclasses.is_dataclass(getattr(target, key)):
-            raise ConfigError(f"unknown config key {dotted!r}")
-        setattr(target, key, _convert(value, getattr(target, key), dotted) if isinstance(value, str) else value)
+        section, _, key = dotted.rpartition(".")
+        value = typed(dotted, value)
+        setattr(getattr(config, section) if section else config, key, value)
     return config
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A config file as dotted overrides ({"train.epochs": 6, ...}), typed: YAML with top-level `name`,
+    `storage` and sections `data:`, `model:`, `method:`, `bank:`, `train:`, `eval:`. It sets what it
+    names on top of the defaults: a file of configs/ names a preset's choices, a run's config.json
+    (JSON is YAML) every key."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where} is not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must be a mapping (name:, data:, model:, method:, bank:, train:, eval:)")
+    for section in SECTIONS:
+        if tree.get(section, {}) is None:
+            tree[section] = {}  # `bank:` with nothing under it
+        if not isinstance(tree.get(section, {}), dict):
+            raise ConfigError(f"{path}: {section}: must be a mapping of keys, got {tree[section]!r}")
+    try:
+        return {key: typed(key, value) for key, value in _flatten(tree).items()}
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PRESET_FILES = {"imagenet": "imagenet", "imagenet22k": "imagenet22k", "webvision": "webvision",
+                "demo": "fashion_mnist"}
+# InterCLR's presets as dotted overrides, read from configs/interclr/ (their only source)
+PRESETS = {preset: read_config_file(CONFIGS / "interclr" / f"{stem}.yaml") for preset, stem in PRESET_FILES.items()}
+
+
+def preset_overrides(preset: str, method: str) -> dict:
+    """`--preset` of a `method` job: configs/<method>/<dataset>.yaml where there is one, else InterCLR's
+    file without the keys `method` does not read, the run named after `method`."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    own = CONFIGS / method / f"{PRESET_FILES[preset]}.yaml"
+    if own.is_file():
+        return read_config_file(own)
+    overrides = {key: value for key, value in PRESETS[preset].items() if applies(key, method)}
+    overrides["method.name"] = method
+    overrides["name"] = overrides["name"].replace("interclr", method)
+    return overrides
 
 
 def resolve_optimizer(config: JobConfig) -> JobConfig:
@@ -243,8 +358,6 @@ def validate(config: JobConfig) -> JobConfig:
     return config
 
 
-METHOD_NAMES = ("simclr", "npid", "moco", "byol", "cmc", "cacr", "interclr", "supervised")
-
 
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message):
@@ -253,9 +366,14 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None, method: str = "interclr", default_preset: str = "imagenet",
                description: str = "") -> tuple[JobConfig, argparse.Namespace]:
-    """The shared command line of every job: --preset, a few common flags, and --set KEY=VALUE."""
+    """The shared command line of every job: --preset or --config, then a few common flags, then
+    --set KEY=VALUE, each on top of the one before. A key the user sets that the method does not read
+    (`applies`) is refused; a preset's keys for other methods are not the user's and are kept."""
     parser = _OneLineParser(description=description)
-    parser.add_argument("--preset", default=default_preset, help=f"one of {', '.join(PRESETS)}")
+    parser.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: {default_preset}); "
+                                         f"the files of configs/<method>/")
+    parser.add_argument("--config", metavar="FILE",
+                        help="a YAML config file instead of a preset: one of configs/, or a run's config.json")
     parser.add_argument("--name", help="run name (resubmitting the same name resumes it)")
     parser.add_argument("--shards", help="data.root: the pipeline.convert output folder")
     parser.add_argument("--base", help="InterCLR base: npid | moco | byol")
@@ -269,28 +387,49 @@ def parse_args(argv: list[str] | None, method: str = "interclr", default_preset:
                         help="override any config field, e.g. --set bank.clusters=20000")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {args.preset!r} (choose from {', '.join(PRESETS)})")
-    config = JobConfig()
-    config.method.name = method
-    overrides = dict(PRESETS[args.preset])
-    if args.preset != "demo" and method != "interclr":
-        overrides["name"] = overrides["name"].replace("interclr", method)
-    flags = {"name": args.name, "data.root": args.shards, "method.base": args.base, "data.loaders": args.loaders,
-             "train.num_workers": args.workers, "train.epochs": args.epochs, "train.max_steps": args.max_steps,
-             "storage": args.storage}
-    overrides.update({k: v for k, v in flags.items() if v is not None})
+    given = {}  # key → (where the user set it, the value), for check_applicable
+    if args.config is not None:
+        if args.preset is not None:
+            raise ConfigError("give --preset or --config, not both (a config file replaces the preset)")
+        overrides = read_config_file(args.config)
+        given.update({key: (args.config, value) for key, value in overrides.items() if value != DEFAULTS[key]})
+    else:
+        overrides = preset_overrides(args.preset or default_preset, method)
+    flags = {"--name": ("name", args.name), "--shards": ("data.root", args.shards),
+             "--base": ("method.base", args.base), "--loaders": ("data.loaders", args.loaders),
+             "--workers": ("train.num_workers", args.workers), "--epochs": ("train.epochs", args.epochs),
+             "--max-steps": ("train.max_steps", args.max_steps), "--storage": ("storage", args.storage)}
+    for flag, (key, value) in flags.items():
+        if value is not None:
+            overrides[key], given[key] = value, (flag, value)
     for item in args.set:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = value.strip()
+        key, value = (part.strip() for part in item.split("=", 1))
+        overrides[key], given[key] = value, ("--set", value)
     from models.interclr import BASES
+    config = JobConfig()
+    config.method.name = method
     config = apply_overrides(config, overrides)
     if config.method.name in METHOD_NAMES and config.method.base in BASES:  # else validate says which is unknown
         resolve_optimizer(config)
-    return validate(config), args
+    validate(config)
+    check_applicable(config, given)
+    return config, args
+
+
+def method_view(config: JobConfig) -> dict:
+    """config.to_dict() without the keys its method does not read (and sections left empty)."""
+    view = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, dict):
+            value = {inner: v for inner, v in value.items() if applies(f"{key}.{inner}", config.method.name)}
+            if not value:
+                continue
+        view[key] = value
+    return view
 
 
 def print_config(config: JobConfig, stream=None) -> None:
-    print(json.dumps(config.to_dict(), indent=1), file=stream or sys.stdout, flush=True)
+    """The keys the method reads, as JSON (a config file again); the run's config.json holds every key."""
+    print(json.dumps(method_view(config), indent=1), file=stream or sys.stdout, flush=True)

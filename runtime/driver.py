@@ -122,62 +122,38 @@ def throughput(metrics_path: Path) -> dict:
 
 
 def evaluate(config: JobConfig, checkpoint, run_dir: Path, banks, classes) -> dict:
-    """kNN top-1 of the trained backbone and of the same architecture at random init, on the val
-    split; a supervised model's classifier top-1 on the whole val split; pictures; bank stats."""
+    """The numbers the Train workers measured on their devices after the last step (kNN top-1 of the
+    trained backbone and of its random init, a supervised classifier's val top-1; runtime.evaluate
+    `evaluate_on_workers`, run_dir/eval.json), the mean-centred pixel baseline, bank stats, and the
+    pictures drawn from what rank 0 saved. No model runs here."""
     import torch
 
-    from models.supervised import Supervised, classifier_top1
-    from pipeline.loader import build_loader
     from pipeline.manifest import Manifest
-    from pipeline.views import center
     from runtime import evaluate as ev
-    from runtime.build import build_method
     from runtime.train import bank_metrics
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(config.train.seed)
-    random_init = build_method(config, len(classes))
-    trained = build_method(config, len(classes))
-    with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / "model.pt", map_location="cpu", weights_only=False)
-    trained.load_state_dict(state["model"])
-    space = trained.recipe_for(config.data.image_size).colorspace  # CMC encoders see Lab / YDbDr
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/meta.json") as meta:
+        results = ev.read_worker_results(run_dir, json.loads(meta.read())["step"])
     d, e = config.data, config.eval
-    results = {"step": state["step"]}
-    features = {}
-    for name, method in (("trained", trained), ("random_init", random_init)):
-        train_f, train_y, train_ids = ev.extract_features(method.backbone, d.root, d.train_split, d.image_size, space,
-                                                          limit=e.knn_train_samples)
-        val_f, val_y, val_ids = ev.extract_features(method.backbone, d.root, d.val_split, d.image_size, space)
-        key = "knn_top1" if name == "trained" else "knn_top1_random_init"
-        results[key] = ev.knn_top1(train_f, train_y, val_f, val_y, e.knn_k, e.knn_temperature)
-        features[name] = (train_f, train_ids, val_f, val_y, val_ids)
-        print(f"kNN ({name}): {results[key]:.4f} on {len(val_y)} val images, {len(train_y)} train", flush=True)
+    space = results.pop("colorspace")  # the centre views' colour space the workers used (CMC: Lab / YDbDr)
     if e.pixel_baseline:
+        torch.set_num_threads(os.cpu_count() or 1)
         results["knn_top1_pixels"] = ev.pixel_knn_top1(d.root, d.train_split, d.val_split, d.image_size, space,
                                                        e.knn_k, e.knn_temperature, limit=e.knn_train_samples)
         print(f"kNN (pixels): {results['knn_top1_pixels']:.4f} (mean-centred pixels of the same split)", flush=True)
-    if isinstance(trained, Supervised):
-        # ImCLR at test time: the poster (000_*.txt) adds no test-time construction ("no change to the
-        # existing pipeline"), so val images go in as the baseline's do: one centre view each, never
-        # concatenated (the ResNet pools globally: the weights trained on nW-wide rows take W-wide images)
-        val = build_loader(d.root, center(d.image_size, space), 256, split=d.val_split, shuffle=False, initial_fill=1)
-        results["val_top1"] = classifier_top1(trained, val)
-        print(f"val top-1: {results['val_top1']:.4f}", flush=True)
-    results["feature_std"] = float(features["trained"][2].std(axis=0).mean())
     results.update(bank_metrics(banks))
     if e.pictures:
-        train_f, train_ids, val_f, val_y, val_ids = features["trained"]
+        saved = dict(np.load(run_dir / ev.PICTURES_FILE))
         train_manifest, val_manifest = Manifest(d.root, d.train_split), Manifest(d.root, d.val_split)
-        pictures = {"retrieval.png": lambda p: ev.retrieval_grid(p, train_f, train_ids, val_f, val_ids,
+        pictures = {"retrieval.png": lambda p: ev.retrieval_grid(p, saved["query_ids"], saved["neighbour_ids"],
                                                                  train_manifest, val_manifest),
-                    "tsne.png": lambda p: ev.tsne_plot(p, val_f, val_y, classes),
+                    "tsne.png": lambda p: ev.tsne_plot(p, saved["tsne_feats"], saved["tsne_labels"], classes),
                     "loss_curves.png": lambda p: ev.loss_curves(p, run_dir / "metrics.jsonl")}
-        clustered = [b for b, r in zip(banks, trained.bank_requests()) if r.clusters]
+        clustered = [banks[i] for i in saved["clustered_banks"]]
         if clustered:
-            ids = train_ids[:1]
-            pictures["negatives.png"] = lambda p: ev.negatives_figure(p, clustered[0], trained,
-                                                                      clustered[0].get(ids), ids, train_manifest)
+            ids = saved["anchor_ids"]
+            pictures["negatives.png"] = lambda p: ev.negatives_figure(p, clustered[0], clustered[0].get(ids), ids,
+                                                                      train_manifest)
         for filename, draw in pictures.items():
             try:
                 draw(run_dir / filename)

@@ -1,57 +1,130 @@
 """Evaluation of a trained backbone: features through the deterministic `center` view, weighted
-kNN (NPID's protocol: k = 20, τ = 0.07, cosine), and the pictures of InterCLR Figs. 10–12."""
+kNN (NPID's protocol: k = 20, τ = 0.07, cosine), and the pictures of InterCLR Figs. 10–12.
+
+On the Ray Train workers (`evaluate_on_workers`, the end of `runtime.train.train_loop_per_worker`):
+every rank extracts, on its device, the features of its share of the kNN memory (train) and of
+val, for the trained backbone and the same architecture at random init. Only val crosses ranks
+(all-gathered, V × D); each rank searches its own memory share for every val query, and rank 0
+merges the per-rank k nearest (V × k per rank) into the global k nearest and votes. Nothing of the
+memory's size is gathered anywhere. Rank 0 writes `eval.json` (the numbers) and `eval-pictures.npz`
+(what the pictures need: val features for t-SNE, the retrieval queries' neighbours); the driver
+reads them and runs no model.
+"""
 from __future__ import annotations
 
 import io
 import json
 import tarfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.loader import build_loader
+from pipeline.loader import build_loader, shard_list
 from pipeline.manifest import Manifest
 from pipeline.views import center
 
+EVAL_FILE = "eval.json"  # rank 0's numbers, read by runtime.driver.evaluate
+PICTURES_FILE = "eval-pictures.npz"  # what the pictures need, at most TSNE_POINTS val features
+TSNE_POINTS, RETRIEVAL_QUERIES, RETRIEVAL_NEIGHBOURS = 2000, 8, 8
+PROGRESS_SECONDS = 10.0
+
 
 @torch.no_grad()
-def extract_features(backbone: torch.nn.Module, root, split: str, size: int, colorspace: str | None = None,
-                     batch_size: int = 256, limit: int | None = None, device: str = "cpu",
-                     num_threads: int = 2, normalize: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def features_of(backbone: torch.nn.Module, batches, limit: int | None = None, device="cpu", normalize: bool = True,
+                progress=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features [N, D], L2-normalised unless `normalize=False`, labels [N], ids [N]) of the first
-    `limit` samples of a split in shard order (the shards are already globally shuffled)."""
+    `limit` rows of `batches`, each id once (a loader that skipped undecodable samples repeats rows
+    to keep its epoch length; the repeats are dropped)."""
     backbone.eval()
-    loader = build_loader(root, center(size, colorspace), batch_size, shuffle=False, split=split,
-                          num_threads=num_threads, initial_fill=1)
     feats, labels, ids = [], [], []
     seen = 0
-    for batch in loader:
+    for batch in batches:
         out = backbone(batch["views"][0].to(device)).float()
         feats.append((torch.nn.functional.normalize(out, dim=1) if normalize else out).cpu())
         labels.append(batch["label"])
         ids.append(batch["index"])
+        rows = len(batch["index"]) if limit is None else min(len(batch["index"]), limit - seen)
         seen += len(batch["index"])
+        if progress is not None:
+            progress.update(rows)
         if limit is not None and seen >= limit:
             break
     take = slice(0, limit)
-    return (torch.cat(feats)[take].numpy(), torch.cat(labels)[take].numpy(), torch.cat(ids)[take].numpy())
+    feats, labels, ids = (torch.cat(feats)[take].numpy(), torch.cat(labels)[take].numpy(), torch.cat(ids)[take].numpy())
+    _, first = np.unique(ids, return_index=True)
+    if len(first) < len(ids):
+        keep = np.sort(first)
+        feats, labels, ids = feats[keep], labels[keep], ids[keep]
+    return feats, labels, ids
+
+
+def extract_features(backbone: torch.nn.Module, root, split: str, size: int, colorspace: str | None = None,
+                     batch_size: int = 256, limit: int | None = None, device: str = "cpu",
+                     num_threads: int = 2, normalize: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`features_of` the first `limit` samples of a split in shard order (the shards are already
+    globally shuffled), in this process on one CPU loader."""
+    loader = build_loader(root, center(size, colorspace), batch_size, shuffle=False, split=split,
+                          num_threads=num_threads, initial_fill=1)
+    return features_of(backbone, loader, limit, device, normalize)
+
+
+@dataclass
+class Neighbours:
+    """Each query's k nearest memory samples by cosine, nearest first: sims [Q, k] float, labels
+    [Q, k] and ids [Q, k] int64 (CPU tensors)."""
+    sims: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+
+
+@torch.no_grad()
+def nearest(memory: torch.Tensor, memory_labels: torch.Tensor, memory_ids: torch.Tensor, queries: torch.Tensor,
+            k: int, sims_per_chunk: int = 1 << 26) -> Neighbours:
+    """The k nearest rows of `memory` [M, D] for each of `queries` [Q, D] (both L2-normalised, on
+    one device), as many queries at a time as keep the similarity block under `sims_per_chunk`
+    entries (256 MB of fp32). A memory of M < k rows gives its M."""
+    k = min(k, len(memory))
+    chunk = max(1, sims_per_chunk // max(1, len(memory)))
+    sims, rows = [], []
+    for start in range(0, len(queries), chunk):
+        s, r = (queries[start:start + chunk] @ memory.T).topk(k, dim=1)  # [q, k]
+        sims.append(s.cpu())
+        rows.append(r.cpu())
+    sims = torch.cat(sims) if sims else torch.zeros(0, k)
+    rows = torch.cat(rows) if rows else torch.zeros(0, k, dtype=torch.int64)
+    return Neighbours(sims, memory_labels.cpu()[rows], memory_ids.cpu()[rows])
+
+
+def merge_nearest(parts: list[Neighbours], k: int) -> Neighbours:
+    """The k nearest over the union of disjoint memories, from each memory's own k nearest (the
+    global k nearest are among them)."""
+    sims = torch.cat([p.sims for p in parts], dim=1)
+    labels, ids = torch.cat([p.labels for p in parts], dim=1), torch.cat([p.ids for p in parts], dim=1)
+    sims, order = sims.topk(min(k, sims.shape[1]), dim=1)
+    return Neighbours(sims, labels.gather(1, order), ids.gather(1, order))
+
+
+def vote_top1(found: Neighbours, query_labels: np.ndarray, temperature: float = 0.07, chunk: int = 1024) -> float:
+    """Weighted kNN top-1 (Wu et al. 2018, as InterCLR evaluates): each of the k nearest votes for
+    its class with weight exp(cos/τ)."""
+    num_classes = int(max(found.labels.max(), query_labels.max())) + 1
+    correct = 0
+    for start in range(0, len(query_labels), chunk):
+        labels, sims = found.labels[start:start + chunk], found.sims[start:start + chunk]
+        votes = torch.zeros(len(labels), num_classes).scatter_add_(1, labels, (sims / temperature).exp())
+        correct += int((votes.argmax(1).numpy() == query_labels[start:start + chunk]).sum())
+    return correct / len(query_labels)
 
 
 def knn_top1(train_feats: np.ndarray, train_labels: np.ndarray, val_feats: np.ndarray, val_labels: np.ndarray,
-             k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
-    """Weighted kNN top-1 (Wu et al. 2018, as InterCLR evaluates): each of the k nearest train
-    features by cosine votes for its class with weight exp(cos/τ)."""
-    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    train = torch.from_numpy(train_feats)
-    train_y = torch.from_numpy(train_labels.astype(np.int64))
-    correct = 0
-    for start in range(0, len(val_feats), chunk):
-        query = torch.from_numpy(val_feats[start:start + chunk])
-        sims, neighbours = (query @ train.T).topk(min(k, len(train)), dim=1)  # [q, k]
-        votes = torch.zeros(len(query), num_classes).scatter_add_(1, train_y[neighbours], (sims / temperature).exp())
-        correct += int((votes.argmax(1).numpy() == val_labels[start:start + chunk]).sum())
-    return correct / len(val_feats)
+             k: int = 20, temperature: float = 0.07) -> float:
+    """Weighted kNN top-1 of val against the train memory, in this process."""
+    labels = torch.from_numpy(train_labels.astype(np.int64))
+    found = nearest(torch.from_numpy(train_feats), labels, torch.arange(len(labels)), torch.from_numpy(val_feats), k)
+    return vote_top1(found, val_labels, temperature)
 
 
 def pixel_knn_top1(root, train_split: str, val_split: str, size: int, colorspace: str | None = None, k: int = 20,
@@ -67,6 +140,140 @@ def pixel_knn_top1(root, train_split: str, val_split: str, size: int, colorspace
     def centred(x: np.ndarray) -> np.ndarray:
         return torch.nn.functional.normalize(torch.from_numpy(x - mean), dim=1).numpy()
     return knn_top1(centred(train_x), train_y, centred(val_x), val_y, k, temperature)
+
+
+def memory_share(count: int, limit: int | None, rank: int, world: int) -> int | None:
+    """How many of its samples rank `rank` puts in the kNN memory, from the start of its range: all
+    (None) without `eval.knn_train_samples` or when it covers the split, else its part of the limit L,
+    ⌊L(r+1)/w⌋ − ⌊Lr/w⌋ (the shards are globally shuffled: a uniform subset; one worker takes the
+    first L, as `extract_features` does)."""
+    if limit is None or limit >= count:
+        return None
+    return limit * (rank + 1) // world - limit * rank // world
+
+
+def _all_gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _to_rank0(obj, rank: int, world: int) -> list | None:
+    if world == 1:
+        return [obj]
+    gathered = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def _rank0_weights(module: torch.nn.Module, world: int) -> None:
+    """Rank 0's parameters and buffers on every rank: the checkpoint is rank 0's, and DDP keeps the
+    parameters equal but not the BatchNorm running statistics (broadcast_buffers=False)."""
+    if world > 1:
+        for tensor in module.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+
+
+def _counting(batches, rows: list):
+    """`batches` as they are, each one's row count appended to `rows`."""
+    for batch in batches:
+        rows.append(len(batch["label"]))
+        yield batch
+
+
+@torch.no_grad()
+def evaluate_on_workers(method, config, rank: int, world: int, device: torch.device, run_dir: Path,
+                        num_classes: int | None, step: int) -> dict | None:
+    """Every rank of a Ray Train run, after the last step: kNN top-1 of the trained backbone and of
+    the same architecture at random init (seeded as the driver seeded it: `train.seed`, then the
+    first `build_method`), over this rank's share of the memory and of val (DALI's rank split, the
+    short last batch unpadded: every id once); a supervised method's classifier top-1 on val. Rank 0
+    writes run_dir/eval.json and, with `eval.pictures`, eval-pictures.npz, and returns the numbers."""
+    from models.supervised import Supervised, classifier_top1
+    from runtime.build import build_method
+    from runtime.progress import Progress
+    started = time.perf_counter()
+    d, e = config.data, config.eval
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # object collectives on NCCL use the current device
+    _rank0_weights(method, world)
+    torch.manual_seed(config.train.seed)
+    random_init = build_method(config, num_classes).to(device)
+    space = method.recipe_for(d.image_size).colorspace  # CMC encoders see Lab / YDbDr
+    recipe = center(d.image_size, space)
+
+    def loader(split: str):
+        return build_loader(d.root, recipe, 256, device=d.device, rank=rank, world_size=world, shuffle=False,
+                            split=split, num_threads=d.loader_threads, initial_fill=1,
+                            keep_on_gpu=d.device == "gpu")
+
+    def features(backbone, split: str, name: str):
+        batches = loader(split)
+        share = None if split != d.train_split else \
+            memory_share(shard_list(d.root, split)[2], e.knn_train_samples, rank, world)
+        total = batches.samples if share is None else min(share, batches.samples)
+        progress = Progress(total, f"eval {name} {split}, rank 0's share of {world}", log_every=PROGRESS_SECONDS) \
+            if rank == 0 else None
+        out = features_of(backbone, batches, share, device, progress=progress)
+        if progress is not None:
+            progress.close()
+        return out
+
+    results, pictures = {"step": step, "colorspace": space}, {}
+    for key, name, model in (("knn_top1", "trained", method), ("knn_top1_random_init", "random init", random_init)):
+        memory_feats, memory_labels, memory_ids = features(model.backbone, d.train_split, name)
+        val_feats, val_labels, val_ids = (np.concatenate(part) for part in
+                                          zip(*_all_gather(features(model.backbone, d.val_split, name), world)))
+        found = nearest(torch.from_numpy(memory_feats).to(device), torch.from_numpy(memory_labels.astype(np.int64)),
+                        torch.from_numpy(memory_ids), torch.from_numpy(val_feats).to(device), e.knn_k)
+        parts = _to_rank0((found, len(memory_ids)), rank, world)
+        if rank != 0:
+            continue
+        merged = merge_nearest([p[0] for p in parts], e.knn_k)
+        results[key] = vote_top1(merged, val_labels, e.knn_temperature)
+        results.update(eval_memory_samples=sum(p[1] for p in parts), eval_val_samples=len(val_ids))
+        print(f"kNN ({name}): {results[key]:.4f} on {len(val_ids)} val images, {results['eval_memory_samples']} "
+              f"train as the memory, {world} worker(s)", flush=True)
+        if name == "trained":
+            results["feature_std"] = float(val_feats.std(axis=0).mean())
+            pictures = {"tsne_feats": val_feats[:TSNE_POINTS], "tsne_labels": val_labels[:TSNE_POINTS],
+                        "query_ids": val_ids[:RETRIEVAL_QUERIES],
+                        "neighbour_ids": merged.ids[:RETRIEVAL_QUERIES, :RETRIEVAL_NEIGHBOURS].numpy(),
+                        "anchor_ids": memory_ids[:1],
+                        "clustered_banks": np.array([i for i, r in enumerate(method.bank_requests()) if r.clusters],
+                                                    dtype=np.int64)}
+    if isinstance(method, Supervised):
+        # ImCLR at test time: the poster (000_*.txt) adds no test-time construction ("no change to the
+        # existing pipeline"), so val images go in as the baseline's do: one centre view each, never
+        # concatenated (the ResNet pools globally: the weights trained on nW-wide rows take W-wide images)
+        rows = []
+        top1 = classifier_top1(method, _counting(loader(d.val_split), rows), device)
+        counts = _to_rank0((top1 * sum(rows), sum(rows)), rank, world)
+        if rank == 0:
+            results["val_top1"] = sum(c for c, _ in counts) / sum(n for _, n in counts)
+            print(f"val top-1: {results['val_top1']:.4f}", flush=True)
+    if rank != 0:
+        return None
+    results["eval_seconds"] = time.perf_counter() - started
+    (run_dir / EVAL_FILE).write_text(json.dumps(results, indent=1))
+    if e.pictures:
+        np.savez(run_dir / PICTURES_FILE, **pictures)
+    return results
+
+
+def read_worker_results(run_dir: Path, step: int) -> dict:
+    """The numbers `evaluate_on_workers` wrote for the checkpoint of `step`."""
+    path = Path(run_dir) / EVAL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the Train workers evaluate after the last step "
+                                f"(runtime.train.train_loop_per_worker); check the workers' log")
+    results = json.loads(path.read_text())
+    if results["step"] != step:
+        raise ValueError(f"{path} is from step {results['step']}, the last checkpoint is step {step}: "
+                         f"submit the run again to evaluate it")
+    return results
 
 
 def read_image(manifest: Manifest, sample_id: int) -> np.ndarray:
@@ -109,13 +316,13 @@ def _grid(path: Path, rows: list[list[np.ndarray]], row_titles: list[str], col_t
     plt.close(fig)
 
 
-def retrieval_grid(path: Path, train_feats, train_ids, val_feats, val_ids, train_manifest: Manifest,
-                   val_manifest: Manifest, queries: int = 8, neighbours: int = 8) -> None:
-    """InterCLR Fig. 12: each val query (first column) and its nearest train images by cosine. The
-    query images come from the val shards, so both manifests are used."""
-    nearest = np.argsort(-(val_feats[:queries] @ train_feats.T), axis=1)[:, :neighbours]
-    rows = [[read_image(val_manifest, val_ids[r])] + [read_image(train_manifest, train_ids[j]) for j in nearest[r]]
-            for r in range(len(nearest))]
+def retrieval_grid(path: Path, query_ids: np.ndarray, neighbour_ids: np.ndarray, train_manifest: Manifest,
+                   val_manifest: Manifest) -> None:
+    """InterCLR Fig. 12: each val query (first column) and its nearest train images by cosine,
+    nearest first (`neighbour_ids` [queries, neighbours]). The query images come from the val
+    shards, so both manifests are used."""
+    rows = [[read_image(val_manifest, query)] + [read_image(train_manifest, j) for j in neighbours]
+            for query, neighbours in zip(query_ids, neighbour_ids)]
     _grid(path, rows, ["query"] * len(rows))
 
 
@@ -155,7 +362,7 @@ def loss_curves(path: Path, metrics_path: Path) -> None:
     plt.close(fig)
 
 
-def negatives_figure(path: Path, bank, method, feats_of_queries: torch.Tensor, query_ids: np.ndarray,
+def negatives_figure(path: Path, bank, feats_of_queries: torch.Tensor, query_ids: np.ndarray,
                      manifest: Manifest, per_strategy: int = 6, seed: int = 0) -> None:
     """InterCLR Fig. 11: for one anchor, the cluster positive and the negatives each strategy samples."""
     strategies = ["hard", "semi_hard", "random", "semi_easy"]

@@ -9,7 +9,9 @@ worker), "num_samples", "num_classes", "run_dir". Each worker, top to bottom:
      the banks from the snapshot the checkpoint names), or `initialise_banks` and `prime_queue`;
   3. `train`: InterCLR k-means where `clustering_due`, then per step forward, backward, optimiser,
      schedule, `method.after_optimizer_step` (EMA); `report` checkpoints every `checkpoint_every`
-     steps and at every epoch end.
+     steps and at every epoch end;
+  4. `evaluate_on_workers` (runtime.evaluate): kNN top-1 of the trained backbone and of its random
+     init, each rank on its share of the data on its device; rank 0 writes run_dir/eval.json.
 Rank 0 writes metrics.jsonl + TensorBoard and prints one progress line per interval.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pipeline.loader import build_loader
 from runtime.build import build_method, training_recipe, uses_sync_bn
 from runtime.config import JobConfig
 from runtime import preflight
+from runtime.evaluate import evaluate_on_workers
 from runtime.optim import build_optimizer
 
 PROGRESS_SECONDS = 10.0
@@ -192,7 +195,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         initialise_banks(worker.method, worker.banks, worker.batches, worker.device, worker.steps_per_epoch,
                          worker.config, worker.rank)
         prime_queue(worker.method, worker.batches, worker.device, worker.config)
-    train(worker, step)
+    step = train(worker, step)
+    evaluate_on_workers(worker.method, worker.config, worker.rank, worker.world, worker.device, worker.run_dir,
+                        loop_config.get("num_classes"), step)
 
 
 def setup_worker(loop_config: dict) -> Worker:
@@ -256,9 +261,10 @@ def resume(worker: Worker) -> int | None:
     return step
 
 
-def train(worker: Worker, step: int) -> None:
+def train(worker: Worker, step: int) -> int:
     """Steps `step` … `last_step`: k-means where an epoch asks for it, forward, backward, optimiser,
-    lr schedule, EMA; a checkpoint every `checkpoint_every` steps and at every epoch end."""
+    lr schedule, EMA; a checkpoint every `checkpoint_every` steps and at every epoch end. Returns the
+    step the model is at (the last checkpoint's)."""
     w, config = worker, worker.config
     logger = MetricsLogger(w.run_dir, w.rank, config) if w.rank == 0 else None
     started = time.perf_counter()
@@ -287,6 +293,7 @@ def train(worker: Worker, step: int) -> None:
                 break
     if logger is not None:
         logger.close()
+    return step
 
 
 def _bank_wait(banks) -> float:

@@ -8,7 +8,7 @@ def ray_cluster():
     """One in-process Ray cluster for the whole session (2 CPUs, like the CI machine)."""
     import ray
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -17,6 +17,7 @@ from tests import datasets
 # the demo preset cut to what 120 images can serve: 2 workers × 1 loader × 3 batches of 16
 FITS_120 = ["data.batch_size=16", "method.queue_size=64", "method.num_negatives=64", "bank.clusters=10",
             "bank.min_cluster=5", "eval.knn_k=20"]
+NPID_FITS_120 = ["data.batch_size=16", "method.num_negatives=64", "eval.knn_k=20"]  # NPID reads no queue, no clusters
 
 
 def demo(*overrides: str, method: str = "interclr"):
@@ -48,7 +49,7 @@ def test_a_batch_larger_than_a_loader_streams_share_is_refused():
 def test_more_clusters_than_samples_is_refused_for_a_clustering_method_only():
     assert data_error(demo(*FITS_120, "bank.clusters=121"), 120).startswith(
         "bank.clusters=121 exceeds the 120 training samples")
-    npid = demo(*FITS_120, "bank.clusters=121", method="npid")  # NPID's bank has no clusters
+    npid = demo(*NPID_FITS_120, method="npid")  # NPID's bank has no clusters: bank.clusters (10,000) is not read
     check_data(npid, build_method(npid, 10), 120)
 
 
@@ -59,9 +60,9 @@ def test_the_demo_queue_on_512_images_is_refused_before_priming_runs_out_of_batc
 
 
 def test_as_many_negatives_as_bank_samples_is_refused():
-    assert data_error(demo(*FITS_120, "method.num_negatives=120", method="npid"), 120).startswith(
+    assert data_error(demo(*NPID_FITS_120, "method.num_negatives=120", method="npid"), 120).startswith(
         "method.num_negatives=120 must be below the 120 samples in the bank")
-    below = demo(*FITS_120, "method.num_negatives=119", method="npid")
+    below = demo(*NPID_FITS_120, "method.num_negatives=119", method="npid")
     check_data(below, build_method(below, 10), 120)
 
 

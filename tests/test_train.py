@@ -13,7 +13,7 @@ from runtime.train import clustering_due
     ("interclr", ["bank.labels=offline"], [1, 2, 3, 4, 5]),  # and again at every later epoch
     ("interclr", ["bank.labels=offline", "method.warmup_epochs=0"], [1, 2, 3, 4, 5]),  # epoch 0's: at the bank fill
     ("interclr", ["method.warmup_epochs=0"], []),
-    ("moco", ["bank.labels=offline"], []),  # no clustered bank
+    ("moco", [], []),  # no clustered bank (bank.labels does not apply to moco)
 ])
 def test_kmeans_runs_after_the_warmup_and_every_epoch_with_offline_labels(method, sets, epochs):
     argv = ["--preset", "demo"] + [arg for item in sets for arg in ("--set", item)]

@@ -95,6 +95,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with use_gpu: below 1 leaves a share of each GPU to a bank shard
     torch_threads: int | None = None  # None: Ray's default for the worker
     checkpoint_every: int = 500  # steps; every epoch end is checkpointed too
     max_failures: int = 3

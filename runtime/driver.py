@@ -21,6 +21,21 @@ import numpy as np
 from runtime.config import ConfigError, JobConfig, parse_args, print_config, resolve_optimizer
 
 
+def worker_resources(config: JobConfig) -> dict:
+    """One Train worker's Ray resources (ScalingConfig.resources_per_worker)."""
+    t = config.train
+    return {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+
+
+def samples_if_converted(config: JobConfig) -> int | None:
+    """The training split's size when its shards exist (for --print-config), else None."""
+    from pipeline.loader import LoaderError, shard_list
+    try:
+        return shard_list(Path(config.data.root), config.data.train_split)[2]
+    except LoaderError:
+        return None
+
+
 def check_inputs(config: JobConfig) -> tuple[int, np.ndarray, list[str]]:
     """Fail before any Ray resource exists: the shards and manifest of both splits must be there."""
     from pipeline.loader import LoaderError, shard_list
@@ -85,7 +100,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
             train_loop_config={"config": config.to_dict(), "banks": banks, "loaders": loaders or None,
                                "num_samples": num_samples, "num_classes": len(classes), "run_dir": str(run_dir)},
             scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
-                                         resources_per_worker={"CPU": config.train.cpus_per_worker}),
+                                         resources_per_worker=worker_resources(config)),
             run_config=RunConfig(name=config.name, storage_path=str(storage),
                                  failure_config=FailureConfig(max_failures=config.train.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)))
@@ -168,6 +183,10 @@ def main(argv: list[str] | None = None, method: str = "interclr", default_preset
         config, args = parse_args(argv, method, default_preset, description)
         if args.print_config:
             print_config(config)
+            from runtime.build import build_method
+            from runtime.preflight import placement_plan
+            dims = [request.dim for request in build_method(config, 1000).bank_requests()]
+            print("\n".join(placement_plan(config, dims, samples_if_converted(config))), file=sys.stderr)
             return 0
         run(config, args.address)
     except ConfigError as exc:

@@ -72,7 +72,8 @@ def check_resources(config: JobConfig, resources: dict, nodes: list[dict], num_b
     t, d, b = config.train, config.data, config.bank
     # (name, how many, the key that sets how many, one actor's {resource: (amount, the key that sets it)})
     parts = [("Train worker", t.num_workers, "train.num_workers",  # ScalingConfig's bundle
-              {"CPU": (t.cpus_per_worker, "train.cpus_per_worker"), "GPU": (float(t.use_gpu), "train.use_gpu=false")}),
+              {"CPU": (t.cpus_per_worker, "train.cpus_per_worker"),
+               "GPU": (t.gpus_per_worker * t.use_gpu, "train.gpus_per_worker")}),
              ("loader actor", d.loaders * t.num_workers, "data.loaders", {"CPU": (d.loader_cpus, "data.loader_cpus")}),
              ("bank shard", num_banks * b.shards, "bank.shards",  # bank shards take num_cpus=0
               {"GPU": (b.gpus_per_shard, "bank.gpus_per_shard")})]
@@ -114,3 +115,30 @@ def _amount(value: float) -> str:
     """4.0, 1.5, 0.25: resources as Ray prints them, always with a decimal point."""
     text = f"{value:g}"
     return text if "." in text or "e" in text else f"{text}.0"
+
+
+def placement_plan(config: JobConfig, bank_dims: list[int], num_samples: int | None) -> list[str]:
+    """What each component asks of the cluster (`--print-config`): CPUs and GPUs per Train worker,
+    loader actor and bank shard, and a bank shard's memory for `num_samples` rows (its feature
+    matrix, labels and member index, and the replicas of the cluster sums, counts and centroids)."""
+    t, d, b = config.train, config.data, config.bank
+    gpus = f", {t.gpus_per_worker:g} GPU" if t.use_gpu else ""
+    lines = ["placement plan:",
+             f"  Train workers: {t.num_workers} × ({t.cpus_per_worker:g} CPU{gpus})",
+             f"  loader actors: {d.loaders * t.num_workers} × {d.loader_cpus:g} CPU ({d.loaders} per worker, "
+             f"DALI on {d.device})" if d.loaders else "  loaders: DALI inside each Train worker"]
+    num_banks = len(bank_dims)
+    if num_banks:
+        place = f"{b.gpus_per_shard:g} GPU" if b.gpus_per_shard else "CPU memory, no CPU reserved"
+        if num_samples is None:
+            size = "memory: rows × dim × dtype per shard (the shards are not converted yet)"
+        else:
+            rows, dim, clusters = -(-num_samples // b.shards), max(bank_dims), b.clusters
+            feature_bytes = {"float32": 4, "float16": 2}[b.dtype]
+            total = rows * (dim * feature_bytes + 3 * 8) + clusters * dim * (8 + 4) + b.shards * clusters * 8
+            size = f"≈ {total / 2**20:,.0f} MiB per shard ({rows:,} rows × {dim} {b.dtype}, {clusters:,} clusters)"
+        lines.append(f"  bank shards: {num_banks * b.shards} × ({place}); {size}")
+    total_cpu = t.num_workers * t.cpus_per_worker + d.loaders * t.num_workers * d.loader_cpus
+    total_gpu = t.num_workers * t.gpus_per_worker * t.use_gpu + num_banks * b.shards * b.gpus_per_shard
+    lines.append(f"  total: {total_cpu:g} CPU, {total_gpu:g} GPU")
+    return lines

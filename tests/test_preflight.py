@@ -154,3 +154,24 @@ def test_a_job_failing_inside_fit_leaves_no_actor_alive(ray_cluster, shards, tmp
     while time.monotonic() < deadline and any(actor_states()[a] != "DEAD" for a in started):
         time.sleep(0.2)
     assert {actor_states()[a] for a in started} == {"DEAD"}
+
+
+def test_gpu_presets_put_the_bank_shards_on_the_train_workers_gpus():
+    """imagenet22k: 8 Train workers × 0.75 GPU + 8 bank shards × 0.25 GPU = one 8-GPU node."""
+    config, _ = parse_args(["--preset", "imagenet22k"], method="interclr", default_preset="imagenet")
+    node = {"Alive": True, "Resources": {"CPU": 24.0, "GPU": 8.0}}
+    check_resources(config, node["Resources"], [node], num_banks=1)
+    small = {"Alive": True, "Resources": {"CPU": 24.0, "GPU": 7.0}}
+    with pytest.raises(ConfigError, match=r"needs 8\.0 GPUs \(8 Train workers × 0\.75, 8 bank shards × 0\.25\)"):
+        check_resources(config, small["Resources"], [small], num_banks=1)
+
+
+def test_placement_plan_names_every_component_and_a_shards_memory_worked_by_hand():
+    from runtime.preflight import placement_plan
+    config = demo()
+    lines = placement_plan(config, [128], 20_000)
+    # 10,000 rows × (128 float32 + label, true label, member index: 3 × int64) + 100 clusters × 128 ×
+    # (float64 sum + float32 centroid) + 2 shards × 100 int64 counts = 5,515,200 B = 5.26 MiB
+    assert "  bank shards: 2 × (CPU memory, no CPU reserved); ≈ 5 MiB per shard (10,000 rows × 128 float32, " \
+           "100 clusters)" in lines
+    assert "  Train workers: 1 × (1.5 CPU)" in lines and lines[-1] == "  total: 2 CPU, 0 GPU"

@@ -109,6 +109,8 @@ class EvalConfig:
     knn_train_samples: int | None = None  # kNN memory from a subset of train (None: all)
     pictures: bool = True
     pixel_baseline: bool = True  # kNN on mean-centred raw pixels of the same split (off for 224 px presets)
+    monitor_every: int = 0  # online kNN of the trained encoder every N epochs on the workers (0: off)
+    monitor_samples: int | None = 10_000  # the monitor's kNN memory: the first N train samples (None: all)
 
 
 @dataclass
@@ -215,7 +217,7 @@ def _unknown_key(dotted: str) -> ConfigError:
 _OPTIONAL_TYPES = {"train.optimizer": str, "train.lr": float, "train.weight_decay": float, "train.momentum": float,
                    "train.lr_warmup_epochs": int, "train.trust_coefficient": float,
                    "train.exclude_bias_and_norm": bool, "data.min_crop_scale": float, "train.max_steps": int, "train.torch_threads": int, "model.sync_bn": bool,
-                   "method.temperature": float, "eval.knn_train_samples": int}
+                   "method.temperature": float, "eval.knn_train_samples": int, "eval.monitor_samples": int}
 
 
 def _convert(text: str, current, name: str):

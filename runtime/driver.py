@@ -77,7 +77,9 @@ def run(config: JobConfig, address: str | None = None) -> dict:
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                                          # Ray Train 2.60 tees a worker's print to its logger too: every line twice
+                                          "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
     check_resources(config, ray.cluster_resources(), ray.nodes(), num_banks=len(probe.bank_requests()))
     banks, loaders = [], []
     try:

@@ -193,7 +193,6 @@ def evaluate_on_workers(method, config, rank: int, world: int, device: torch.dev
     writes run_dir/eval.json and, with `eval.pictures`, eval-pictures.npz, and returns the numbers."""
     from models.supervised import Supervised, classifier_top1
     from runtime.build import build_method
-    from runtime.progress import Progress
     started = time.perf_counter()
     d, e = config.data, config.eval
     if device.type == "cuda":
@@ -202,40 +201,14 @@ def evaluate_on_workers(method, config, rank: int, world: int, device: torch.dev
     torch.manual_seed(config.train.seed)
     random_init = build_method(config, num_classes).to(device)
     space = method.recipe_for(d.image_size).colorspace  # CMC encoders see Lab / YDbDr
-    recipe = center(d.image_size, space)
-
-    def loader(split: str):
-        return build_loader(d.root, recipe, 256, device=d.device, rank=rank, world_size=world, shuffle=False,
-                            split=split, num_threads=d.loader_threads, initial_fill=1,
-                            keep_on_gpu=d.device == "gpu")
-
-    def features(backbone, split: str, name: str):
-        batches = loader(split)
-        share = None if split != d.train_split else \
-            memory_share(shard_list(d.root, split)[2], e.knn_train_samples, rank, world)
-        total = batches.samples if share is None else min(share, batches.samples)
-        progress = Progress(total, f"eval {name} {split}, rank 0's share of {world}", log_every=PROGRESS_SECONDS) \
-            if rank == 0 else None
-        out = features_of(backbone, batches, share, device, progress=progress)
-        if progress is not None:
-            progress.close()
-        return out
-
     results, pictures = {"step": step, "colorspace": space}, {}
     for key, name, model in (("knn_top1", "trained", method), ("knn_top1_random_init", "random init", random_init)):
-        memory_feats, memory_labels, memory_ids = features(model.backbone, d.train_split, name)
-        val_feats, val_labels, val_ids = (np.concatenate(part) for part in
-                                          zip(*_all_gather(features(model.backbone, d.val_split, name), world)))
-        found = nearest(torch.from_numpy(memory_feats).to(device), torch.from_numpy(memory_labels.astype(np.int64)),
-                        torch.from_numpy(memory_ids), torch.from_numpy(val_feats).to(device), e.knn_k)
-        parts = _to_rank0((found, len(memory_ids)), rank, world)
+        found = knn_on_workers(model.backbone, config, space, rank, world, device, e.knn_train_samples, name)
         if rank != 0:
             continue
-        merged = merge_nearest([p[0] for p in parts], e.knn_k)
-        results[key] = vote_top1(merged, val_labels, e.knn_temperature)
-        results.update(eval_memory_samples=sum(p[1] for p in parts), eval_val_samples=len(val_ids))
-        print(f"kNN ({name}): {results[key]:.4f} on {len(val_ids)} val images, {results['eval_memory_samples']} "
-              f"train as the memory, {world} worker(s)", flush=True)
+        top1, merged, (val_feats, val_labels, val_ids), memory_ids, memory_size = found
+        results[key] = top1
+        results.update(eval_memory_samples=memory_size, eval_val_samples=len(val_ids))
         if name == "trained":
             results["feature_std"] = float(val_feats.std(axis=0).mean())
             pictures = {"tsne_feats": val_feats[:TSNE_POINTS], "tsne_labels": val_labels[:TSNE_POINTS],
@@ -249,7 +222,7 @@ def evaluate_on_workers(method, config, rank: int, world: int, device: torch.dev
         # existing pipeline"), so val images go in as the baseline's do: one centre view each, never
         # concatenated (the ResNet pools globally: the weights trained on nW-wide rows take W-wide images)
         rows = []
-        top1 = classifier_top1(method, _counting(loader(d.val_split), rows), device)
+        top1 = classifier_top1(method, _counting(_eval_loader(config, space, rank, world, d.val_split), rows), device)
         counts = _to_rank0((top1 * sum(rows), sum(rows)), rank, world)
         if rank == 0:
             results["val_top1"] = sum(c for c, _ in counts) / sum(n for _, n in counts)
@@ -261,6 +234,51 @@ def evaluate_on_workers(method, config, rank: int, world: int, device: torch.dev
     if e.pictures:
         np.savez(run_dir / PICTURES_FILE, **pictures)
     return results
+
+
+def _eval_loader(config, space: str | None, rank: int, world: int, split: str):
+    """This rank's share of `split` in centre views, unshuffled, the short last batch unpadded."""
+    d = config.data
+    return build_loader(d.root, center(d.image_size, space), 256, device=d.device, rank=rank, world_size=world,
+                        shuffle=False, split=split, num_threads=d.loader_threads, initial_fill=1,
+                        keep_on_gpu=d.device == "gpu")
+
+
+def knn_on_workers(backbone: torch.nn.Module, config, space: str | None, rank: int, world: int, device: torch.device,
+                   memory_limit: int | None, name: str):
+    """Weighted kNN top-1 of `backbone`, every rank of a Ray Train run together: each extracts its
+    share of the memory (the first `memory_limit` train samples; None: all) and of val; val features
+    are all-gathered, each rank finds every val image's k nearest in its memory share, rank 0 merges
+    them and votes. Rank 0 gets (top1, merged neighbours, (val feats, labels, ids), its memory ids,
+    the memory's size); the other ranks None. The backbone is left in eval mode."""
+    from runtime.progress import Progress
+    d, e = config.data, config.eval
+
+    def features(split: str):
+        batches = _eval_loader(config, space, rank, world, split)
+        share = None if split != d.train_split else \
+            memory_share(shard_list(d.root, split)[2], memory_limit, rank, world)
+        total = batches.samples if share is None else min(share, batches.samples)
+        progress = Progress(total, f"eval {name} {split}, rank 0's share of {world}", log_every=PROGRESS_SECONDS) \
+            if rank == 0 else None
+        out = features_of(backbone, batches, share, device, progress=progress)
+        if progress is not None:
+            progress.close()
+        return out
+
+    memory_feats, memory_labels, memory_ids = features(d.train_split)
+    val_feats, val_labels, val_ids = (np.concatenate(part) for part in zip(*_all_gather(features(d.val_split), world)))
+    found = nearest(torch.from_numpy(memory_feats).to(device), torch.from_numpy(memory_labels.astype(np.int64)),
+                    torch.from_numpy(memory_ids), torch.from_numpy(val_feats).to(device), e.knn_k)
+    parts = _to_rank0((found, len(memory_ids)), rank, world)
+    if rank != 0:
+        return None
+    merged = merge_nearest([p[0] for p in parts], e.knn_k)
+    top1 = vote_top1(merged, val_labels, e.knn_temperature)
+    memory_size = sum(p[1] for p in parts)
+    print(f"kNN ({name}): {top1:.4f} on {len(val_ids)} val images, {memory_size} train as the memory, "
+          f"{world} worker(s)", flush=True)
+    return top1, merged, (val_feats, val_labels, val_ids), memory_ids, memory_size
 
 
 def read_worker_results(run_dir: Path, step: int) -> dict:

@@ -34,7 +34,7 @@ from pipeline.loader import build_loader
 from runtime.build import build_method, training_recipe, uses_sync_bn
 from runtime.config import JobConfig
 from runtime import preflight
-from runtime.evaluate import evaluate_on_workers
+from runtime.evaluate import evaluate_on_workers, knn_on_workers
 from runtime.optim import build_optimizer
 
 PROGRESS_SECONDS = 10.0
@@ -289,11 +289,32 @@ def train(worker: Worker, step: int) -> int:
                 logger.step(step, epoch, lr, out, window, w.batches, w.banks, w.last_step, started)
             if step % config.train.checkpoint_every == 0 or step % w.steps_per_epoch == 0 or step == w.last_step:
                 report(w, step, epoch, logger)
+            if step % w.steps_per_epoch == 0 and monitor_due(config, epoch + 1) and step < w.last_step:
+                monitor(w, step, epoch + 1, logger)
             if step >= w.last_step:
                 break
     if logger is not None:
         logger.close()
     return step
+
+
+def monitor_due(config: JobConfig, epochs_done: int) -> bool:
+    every = config.eval.monitor_every
+    return every > 0 and epochs_done % every == 0
+
+
+def monitor(worker: Worker, step: int, epochs_done: int, logger) -> None:
+    """Online kNN (solo-learn's `knn` callback): the trained backbone's weighted kNN top-1 on val
+    with a memory of `eval.monitor_samples` train images, every rank extracting its share; rank 0
+    logs it to metrics.jsonl and TensorBoard as `knn_top1_monitor`. Training mode is restored."""
+    config = worker.config
+    space = worker.method.recipe_for(config.data.image_size).colorspace
+    with torch.no_grad():
+        found = knn_on_workers(worker.method.backbone, config, space, worker.rank, worker.world, worker.device,
+                               config.eval.monitor_samples, f"monitor, epoch {epochs_done}")
+    worker.method.train(True)
+    if logger is not None and found is not None:
+        logger.write({"step": step, "epoch": epochs_done, "knn_top1_monitor": found[0]})
 
 
 def _bank_wait(banks) -> float:

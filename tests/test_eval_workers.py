@@ -171,3 +171,19 @@ def test_a_supervised_classifier_top1_on_a_worker_is_its_top1_on_the_whole_val_s
     val = build_loader(shards, center(28), 256, split="val", shuffle=False, initial_fill=1)
     assert results["val_top1"] == pytest.approx(classifier_top1(method, val), abs=1e-12)
     assert json.loads((tmp_path / ev.EVAL_FILE).read_text())["val_top1"] == results["val_top1"]
+
+
+@needs_fashion_mnist
+def test_the_online_monitors_knn_is_the_weighted_knn_over_its_memory_subset(shards):
+    """`knn_on_workers` as the monitor calls it (one worker, the first 500 train images as memory):
+    the numpy weighted kNN over the same features; and the monitor is due every N epochs only."""
+    from runtime.train import monitor_due
+    config = job_config(shards, Path("/tmp"), "simclr", "eval.monitor_every=2", "eval.monitor_samples=500")
+    torch.manual_seed(3)
+    backbone = build_method(config, 10).backbone
+    top1, _, (val_f, val_y, _), memory_ids, size = ev.knn_on_workers(backbone, config, None, 0, 1, torch.device("cpu"),
+                                                                     500, "monitor")
+    train_f, train_y, train_ids = ev.extract_features(backbone, shards, "train", 28, limit=500)
+    assert size == 500 and np.array_equal(memory_ids, train_ids)
+    assert top1 == pytest.approx(numpy_weighted_knn(train_f, train_y, val_f, val_y, 20, 0.07), abs=1e-9)
+    assert [e for e in range(1, 7) if monitor_due(config, e)] == [2, 4, 6]

@@ -83,6 +83,8 @@ def test_make_demo_script_trains_evaluates_and_stops_only_its_own_ray(shards, tm
     assert 0.1 < summary["knn_top1_random_init"] < summary["knn_top1"] - 0.01, summary  # it learned
     assert summary["step"] == 2 * (3000 // 64)
     assert "kNN top-1: trained" in result.stdout
+    progress = [line for line in result.stdout.splitlines() if " img/s loss " in line]
+    assert progress and len(progress) == len(set(progress))  # each progress line once (Ray Train's print tee off)
     assert summary["bank0_nmi"] > 0  # pseudo-labels carry class information
     assert summary["feature_std"] > 0.01  # not collapsed
     assert ray_cluster.get(ray_cluster.remote(lambda: 41 + 1).remote(), timeout=60) == 42  # the other Ray

@@ -664,6 +664,13 @@ def write_report(out: Path, cells: list[Cell], budget: Budget, mode: str, only: 
     """OUT/fidelity.json and OUT/fidelity.md from the cached cells (a partial study gives a partial table)."""
     records = {cell.label: record for cell in cells if not cell.needs
                for record in [load_cached(out, cell)] if record is not None}
+    trained = {other.training_key(): records[other.label] for other in cells
+               if other.label in records and "reused_from" not in records[other.label]}
+    for cell in cells:  # a cell whose training another cached cell already did (e.g. random = online)
+        if not cell.needs and cell.label not in records and cell.training_key() in trained:
+            source = trained[cell.training_key()]
+            records[cell.label] = {**source, "claim": cell.claim, "config": cell.arm, "seed": cell.seed,
+                                   "reused_from": f"{source['claim']}/{source['config']}/seed{source['seed']}"}
     rows = [claim_row(claim, cells, records) for claim in CLAIMS if not only or claim.id in only]
     header = {"date": datetime.date.today().isoformat(), "mode": mode, "train_images": budget.train_images,
               "epochs": budget.epochs, "seeds": max((c.seed + 1 for c in cells), default=0),

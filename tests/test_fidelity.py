@@ -270,3 +270,13 @@ def test_report_writes_the_table_from_cached_cells_and_runs_nothing(fidelity, tm
     rows = json.loads((tmp_path / "fidelity.json").read_text())
     assert rows[0]["ours"]["plain"]["n"] == 1 and rows[0]["ours"]["imclr2"]["n"] == 0
     assert "1 cells" in (tmp_path / "fidelity.md").read_text()
+
+
+def test_report_fills_an_arm_from_the_cached_cell_that_trained_the_same(fidelity, tmp_path):
+    """negative_sampling/random trains exactly what online_vs_offline/online trains: the report reads it."""
+    cells = fidelity.plan(fidelity.BUDGETS["full"], tmp_path / "runs", ["online_vs_offline", "negative_sampling"])
+    online = [c for c in cells if c.claim == "online_vs_offline" and c.arm == "online"]
+    fidelity.run_cells(online, tmp_path, RecordingRunner(), log=lambda line: None)
+    rows = {row["id"]: row for row in fidelity.write_report(tmp_path, cells, fidelity.BUDGETS["full"], "full", None)}
+    assert rows["negative_sampling"]["ours"]["random"]["n"] == 2
+    assert rows["negative_sampling"]["ours"]["hard"]["n"] == 0

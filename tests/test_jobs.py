@@ -24,6 +24,8 @@ pytestmark = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.exists(),
 # a small, fast variant of the demo preset (same job, same code path, fewer images and steps)
 SMALL = ["--preset", "demo", "--set", "bank.clusters=20", "--set", "method.num_negatives=256",
          "--set", "method.queue_size=1024", "--set", "data.batch_size=64", "--set", "eval.pictures=false"]
+# tests that do not check the kNN numbers: a 256-image memory, no pixel baseline (seconds, not a minute)
+LIGHT_EVAL = ["--set", "eval.knn_train_samples=256", "--set", "eval.pixel_baseline=false"]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def test_make_demo_script_trains_evaluates_and_stops_only_its_own_ray(shards, tm
 
 
 def test_resubmitting_a_run_name_resumes_model_step_and_bank(shards, tmp_path):
-    common = [*SMALL, "--shards", str(shards), "--storage", str(tmp_path), "--name", "resumed",
+    common = [*SMALL, *LIGHT_EVAL, "--shards", str(shards), "--storage", str(tmp_path), "--name", "resumed",
               "--set", "train.checkpoint_every=2", "--set", "method.warmup_epochs=0"]
     first = run_job(*common, "--max-steps", "8")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -111,7 +113,8 @@ def test_resubmitting_a_run_name_resumes_model_step_and_bank(shards, tmp_path):
 
 def test_a_killed_train_worker_resumes_from_the_last_checkpoint(shards, tmp_path):
     run_dir = tmp_path / "fault"
-    job = subprocess.Popen([sys.executable, str(JOB), *SMALL, "--shards", str(shards), "--storage", str(tmp_path),
+    job = subprocess.Popen([sys.executable, str(JOB), *SMALL, *LIGHT_EVAL, "--shards", str(shards),
+                            "--storage", str(tmp_path),
                             "--name", "fault", "--max-steps", "30", "--set", "train.checkpoint_every=5",
                             "--set", "method.warmup_epochs=0"],
                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -150,7 +153,7 @@ from runtime.driver import run
 cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
 for _ in range(2):
     cluster.add_node(num_cpus=1)
-config, _ = parse_args({SMALL + ["--shards", str(shards), "--storage", str(tmp_path), "--name", "nodes",
+config, _ = parse_args({SMALL + LIGHT_EVAL + ["--shards", str(shards), "--storage", str(tmp_path), "--name", "nodes",
                                   "--workers", "2", "--max-steps", "6", "--set", "train.cpus_per_worker=1",
                                   "--set", "data.loader_cpus=0.25", "--set", "train.torch_threads=1",
                                   "--set", "method.warmup_epochs=0"]!r})

@@ -73,7 +73,7 @@ class BankConfig:
     shards: int = 2  # bank actors
     clusters: int = 10_000  # InterCLR: 10× the ImageNet classes
     min_cluster: int = 20  # online upkeep: smaller clusters dissolved, emptied ones refilled (mmselfsup InterCLR)
-    labels: str = "online"  # InterCLR pseudo-labels: online (every update) | offline (k-means each epoch, fixed between)
+    labels: str = "online"  # online (relabel every update) | offline (k-means each epoch, labels fixed between)
     dtype: str = "float32"
     kmeans_iters: int = 10
     init: str = "extract"  # "extract": one pass of the initial encoder over the data; "random": unit noise
@@ -216,8 +216,9 @@ def _unknown_key(dotted: str) -> ConfigError:
 
 _OPTIONAL_TYPES = {"train.optimizer": str, "train.lr": float, "train.weight_decay": float, "train.momentum": float,
                    "train.lr_warmup_epochs": int, "train.trust_coefficient": float,
-                   "train.exclude_bias_and_norm": bool, "data.min_crop_scale": float, "train.max_steps": int, "train.torch_threads": int, "model.sync_bn": bool,
-                   "method.temperature": float, "eval.knn_train_samples": int, "eval.monitor_samples": int}
+                   "train.exclude_bias_and_norm": bool, "data.min_crop_scale": float, "train.max_steps": int,
+                   "train.torch_threads": int, "model.sync_bn": bool, "method.temperature": float,
+                   "eval.knn_train_samples": int, "eval.monitor_samples": int}
 
 
 def _convert(text: str, current, name: str):

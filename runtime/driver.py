@@ -27,6 +27,18 @@ def worker_resources(config: JobConfig) -> dict:
     return {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
 
 
+def job_env_vars(address: str | None) -> dict:
+    """Environment of every actor of the job. RAY_ADDRESS where the cluster is known: Ray Train's
+    PlacementGroupCleaner finds "its" cluster by auto-detection, which fails with a traceback when a
+    second Ray runs on the machine ("Found multiple active Ray instances")."""
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # Ray Train 2.60 tees a worker's print to its logger: every line twice
+    known = address or os.environ.get("RAY_ADDRESS")
+    if known and known not in ("auto", "local") and "://" not in known:
+        env["RAY_ADDRESS"] = known
+    return env
+
+
 def samples_if_converted(config: JobConfig) -> int | None:
     """The training split's size when its shards exist (for --print-config), else None."""
     from pipeline.loader import LoaderError, shard_list
@@ -77,9 +89,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
     (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-                                          # Ray Train 2.60 tees a worker's print to its logger too: every line twice
-                                          "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+             runtime_env={"env_vars": job_env_vars(address)})
     check_resources(config, ray.cluster_resources(), ray.nodes(), num_banks=len(probe.bank_requests()))
     banks, loaders = [], []
     try:

@@ -17,6 +17,7 @@ Rank 0 writes metrics.jsonl + TensorBoard and prints one progress line per inter
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -205,6 +206,9 @@ def setup_worker(loop_config: dict) -> Worker:
     schedule, this rank's batches, and the step counts."""
     config = JobConfig.from_dict(loop_config["config"])
     banks = loop_config["banks"]
+    # Ray Train logs two INFO lines per checkpoint ("Checkpoint successfully created", "Reporting
+    # training result"): the job's own progress line says it once per interval
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.train.torch_threads:

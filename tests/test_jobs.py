@@ -1,5 +1,6 @@
-"""jobs/: the InterCLR job end to end on Fashion-MNIST shards — `ray job submit` to a `ray start
---head` cluster, resume by run name, a killed Train worker, and one-line errors for bad input.
+"""jobs/: the InterCLR job end to end on Fashion-MNIST shards — `make demo`'s script on its own
+`ray start --head`, a killed Train worker and a resubmitted run name, three nodes, and one-line
+errors for bad input.
 Each test runs the real job in a subprocess (its own Ray), as a user would."""
 from __future__ import annotations
 
@@ -74,19 +75,29 @@ def test_bad_input_is_one_line_exit_2_and_starts_no_ray(args, message, capsys, m
 def test_make_demo_script_trains_evaluates_and_stops_only_its_own_ray(shards, tmp_path, ray_cluster):
     """scripts/demo.sh (what `make demo` runs: its own `ray start --head` on free ports with token
     authentication, `ray job submit`, its head stopped at exit) on the short CI variant (3,000 images,
-    92 steps): trained, clustered, evaluated — the trained encoder's kNN beats the same architecture
-    at random init (measured 0.712 vs 0.687 on 1,000 val images) — and another Ray on the machine
-    (this session's in-process cluster) is still alive afterwards."""
+    92 steps): trained, clustered, evaluated, quiet, and another Ray on the machine (this session's
+    in-process cluster) is still alive afterwards.
+
+    "It trained" is the intra branch's InfoNCE falling from chance (ln 1025 = 6.93 with the 1,024-key
+    queue): measured 6.83 → 5.87 (first / last 10 steps). Not the kNN against random init: at 92
+    steps that gap (measured 0.678 vs 0.687; 0.696 vs 0.687 at 4 epochs) is below the noise of kNN
+    on 1,000 val images (s.e. ≈ 0.015); `make demo` measures it on 20k / 10k images (README)."""
     demo_env = {**env(), "DEMO_DATA": str(shards), "DEMO_RUNS": str(tmp_path), "PY": sys.executable, "RAY": str(RAY)}
     result = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh"), *SMALL[2:], "--epochs", "2"], cwd=ROOT,
                             env=demo_env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert 0.1 < summary["knn_top1_random_init"] < summary["knn_top1"] - 0.01, summary  # it learned
+    assert summary["knn_top1"] > 0.1 and summary["knn_top1_random_init"] > 0.1, summary  # evaluated (chance 0.1)
+    intra = [r["intra"] for r in metrics(tmp_path / "demo") if "loss" in r]
+    assert sum(intra[:10]) / 10 - sum(intra[-10:]) / 10 > 0.5, intra  # it trained
     assert summary["step"] == 2 * (3000 // 64)
     assert "kNN top-1: trained" in result.stdout
     progress = [line for line in result.stdout.splitlines() if " img/s loss " in line]
     assert progress and len(progress) == len(set(progress))  # each progress line once (Ray Train's print tee off)
+    # quiet: no Ray Train line per checkpoint, and no PlacementGroupCleaner traceback although a second
+    # Ray (this session's) runs on the machine
+    assert "Checkpoint successfully created" not in result.stdout
+    assert "multiple active Ray instances" not in result.stdout
     assert summary["bank0_nmi"] > 0  # pseudo-labels carry class information
     assert summary["feature_std"] > 0.01  # not collapsed
     assert ray_cluster.get(ray_cluster.remote(lambda: 41 + 1).remote(), timeout=60) == 42  # the other Ray
@@ -94,59 +105,74 @@ def test_make_demo_script_trains_evaluates_and_stops_only_its_own_ray(shards, tm
     assert head and subprocess.run(["pgrep", "-f", head[0]], capture_output=True).returncode == 1  # its own: gone
 
 
-def test_resubmitting_a_run_name_resumes_model_step_and_bank(shards, tmp_path):
-    common = [*SMALL, *LIGHT_EVAL, "--shards", str(shards), "--storage", str(tmp_path), "--name", "resumed",
-              "--set", "train.checkpoint_every=2", "--set", "method.warmup_epochs=0"]
-    first = run_job(*common, "--max-steps", "8")
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_job(*common, "--max-steps", "12")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from step 8" in second.stdout + second.stderr
-    steps = [r["step"] for r in metrics(tmp_path / "resumed") if "loss" in r]
-    assert steps == list(range(1, 13))  # 1..8, then 9..12: nothing repeated, nothing skipped
-    summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
-    assert summary["step"] == 12
-    assert summary["bank0_step"] == 12  # the bank's update count continued from the snapshot
-    snapshots = sorted(p.name for p in (tmp_path / "resumed" / "bank-0").glob("step-*"))
-    assert snapshots == ["step-000000008", "step-000000010", "step-000000012"]  # 2, 4, 6 pruned
+def own_train_workers(root_pid: int) -> list[int]:
+    """The Ray Train workers of the job started as `root_pid` (its local Ray's raylet is a child of
+    the job's driver): descendants only, so another Ray on the machine is never touched."""
+    rows = [line.split(None, 2) for line in subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True,
+                                                           text=True).stdout.splitlines()]
+    children: dict[int, list[tuple[int, str]]] = {}
+    for row in rows:
+        if len(row) == 3:
+            children.setdefault(int(row[1]), []).append((int(row[0]), row[2]))
+    found, todo = [], [root_pid]
+    while todo:
+        for pid, args in children.get(todo.pop(), []):
+            todo.append(pid)
+            if "RayTrainWorker" in args:
+                found.append(pid)
+    return found
 
 
-def test_a_killed_train_worker_resumes_from_the_last_checkpoint(shards, tmp_path):
+def test_a_killed_train_worker_resumes_and_a_resubmitted_run_name_continues(shards, tmp_path):
+    """One run name, two faults a user meets: a Train worker SIGKILLed mid-run (Ray Train restarts
+    the worker group from the last checkpoint, model and bank) and the run resubmitted with more
+    steps (it resumes at the step it ended on: nothing repeated, nothing skipped)."""
     run_dir = tmp_path / "fault"
-    job = subprocess.Popen([sys.executable, str(JOB), *SMALL, *LIGHT_EVAL, "--shards", str(shards),
-                            "--storage", str(tmp_path),
-                            "--name", "fault", "--max-steps", "30", "--set", "train.checkpoint_every=5",
-                            "--set", "method.warmup_epochs=0"],
-                           cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    common = [*SMALL, *LIGHT_EVAL, "--shards", str(shards), "--storage", str(tmp_path), "--name", "fault",
+              "--set", "train.checkpoint_every=5", "--set", "method.warmup_epochs=0"]
+    job = subprocess.Popen([sys.executable, str(JOB), *common, "--max-steps", "20"], cwd=ROOT, env=env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if (run_dir / "metrics.jsonl").exists() and any(r.get("checkpoint") and r["step"] >= 10
                                                             for r in metrics(run_dir)):
                 break
-            time.sleep(1)
+            time.sleep(0.5)
         else:
             pytest.fail("no checkpoint within 300 s")
-        workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-        assert workers, "no Ray Train worker process found"
-        os.kill(int(workers[0]), signal.SIGKILL)
+        workers = own_train_workers(job.pid)
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)
         output, _ = job.communicate(timeout=400)
     finally:
         job.kill()
     assert job.returncode == 0, output[-3000:]
     assert "resumed from step" in output
-    steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
-    assert steps[-1] == 30 and set(range(1, 31)) <= set(steps)
+    records = metrics(run_dir)
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps[-1] == 20 and set(range(1, 21)) <= set(steps)
+
+    second = run_job(*common, "--max-steps", "24")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step 20" in second.stdout + second.stderr
+    assert [r["step"] for r in metrics(run_dir)[len(records):] if "loss" in r] == [21, 22, 23, 24]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 24
+    assert summary["bank0_step"] == 24  # the bank's update count continued from the snapshot, twice
+    snapshots = sorted(p.name for p in (run_dir / "bank-0").glob("step-*"))
+    assert snapshots == ["step-000000015", "step-000000020", "step-000000024"]  # older ones pruned
 
 
 def test_the_job_runs_on_a_three_node_cluster(shards, tmp_path):
     """Nothing assumes one machine: a `ray.cluster_utils.Cluster` of three nodes with one CPU each,
     two Train workers (DDP over gloo) that must land on different nodes, a loader actor each, and
-    bank shards spread over the nodes."""
+    bank shards spread over the nodes. Placement is read from the GCS's actor table."""
     script = f"""
 import json, sys
 sys.path.insert(0, {str(ROOT)!r})
 import ray
+from ray._private import state
 from ray.cluster_utils import Cluster
 from runtime.config import parse_args
 from runtime.driver import run
@@ -158,14 +184,23 @@ config, _ = parse_args({SMALL + LIGHT_EVAL + ["--shards", str(shards), "--storag
                                   "--set", "data.loader_cpus=0.25", "--set", "train.torch_threads=1",
                                   "--set", "method.warmup_epochs=0"]!r})
 summary = run(config, address=cluster.address)
-print("NODES", len(ray.nodes()))
+placed = {{}}
+for info in state.actors().values():
+    placed.setdefault(info["ActorClassName"], []).append(info["Address"]["NodeID"])
+print("PLACED", json.dumps({{"nodes": len(ray.nodes()), "actors": placed}}))
 ray.shutdown()
 cluster.shutdown()
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "NODES 3" in result.stdout
+    # RAY_ADDRESS reaches Ray Train's actors: its PlacementGroupCleaner does not auto-detect the cluster
+    assert "multiple active Ray instances" not in result.stdout + result.stderr
+    placed = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("PLACED "))[7:])
+    assert placed["nodes"] == 3
+    actors = placed["actors"]
+    assert len(actors["RayTrainWorker"]) == 2 and len(set(actors["RayTrainWorker"])) == 2  # one per node
+    assert len(actors["LoaderActor"]) == 2
+    assert len(actors["BankShard"]) == 2 and len(set(actors["BankShard"])) == 2  # SPREAD over the nodes
     summary = json.loads((tmp_path / "nodes" / "summary.json").read_text())
     assert summary["step"] == 6
-    assert "world_size=2" in result.stdout + result.stderr

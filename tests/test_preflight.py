@@ -143,8 +143,11 @@ def test_a_job_failing_inside_fit_leaves_no_actor_alive(ray_cluster, shards, tmp
     before = set(actor_states())
     started = {}
 
-    def fit(self):
-        started.update({a: s for a, s in actor_states().items() if a not in before})
+    def fit(self):  # an actor's registration with the GCS is asynchronous: give it a few seconds
+        deadline = time.monotonic() + 20
+        while len(started) < 2 and time.monotonic() < deadline:
+            started.update({a: s for a, s in actor_states().items() if a not in before})
+            time.sleep(0.1)
         raise RuntimeError("the worker group died")
     monkeypatch.setattr(TorchTrainer, "fit", fit)
     with pytest.raises(RuntimeError, match="worker group died"):

@@ -499,6 +499,13 @@ def test_save_and_load_round_trip(make_bank, tmp_path, ray_cluster):
         loaded.shutdown()
 
 
+@pytest.fixture(scope="module")
+def bad_update_bank(ray_cluster):
+    bank, banks = _shared_bank(2)
+    yield bank, bank.get(np.arange(600)).numpy()
+    banks[0].shutdown()
+
+
 @pytest.mark.parametrize("ids, feats, message", [
     (np.array([0, 600]), np.zeros((2, 8)), "out of range"),
     (np.array([-1, 2]), np.zeros((2, 8)), "out of range"),
@@ -506,9 +513,8 @@ def test_save_and_load_round_trip(make_bank, tmp_path, ray_cluster):
     (np.array([0, 1]), np.array([[np.nan] * 8, [0.0] * 8]), "NaN"),
     (np.array([3, 3]), np.zeros((2, 8)), "duplicate"),
 ])
-def test_bad_update_is_a_clear_error_and_leaves_the_bank_unchanged(make_bank, ids, feats, message):
-    bank, _, _ = clustered_bank(make_bank, shards=2)
-    before = bank.get(np.arange(600)).numpy()
+def test_bad_update_is_a_clear_error_and_leaves_the_bank_unchanged(bad_update_bank, ids, feats, message):
+    bank, before = bad_update_bank  # one bank for every case: each one, in turn, must leave it as it was
     with pytest.raises(ValueError, match=message):
         bank.update(ids, feats)
     np.testing.assert_array_equal(bank.get(np.arange(600)).numpy(), before)

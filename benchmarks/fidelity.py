@@ -363,11 +363,12 @@ def load_cached(out: Path, cell: Cell) -> dict | None:
     return record if record.get("overrides") == cell.overrides else None
 
 
-def schedule(cells: list[Cell], out: Path) -> list[tuple[Cell, str, str | None]]:
+def schedule(cells: list[Cell], out: Path, others: list[Cell] = ()) -> list[tuple[Cell, str, str | None]]:
     """(cell, status, source) in run order: status "needs" (not runnable yet), "cached", "reuse"
-    (the same training as `source`, a cached cell or one that runs earlier) or "run"."""
+    (the same training as `source`, a cached cell or one that runs earlier) or "run". `others`: the
+    cells of claims not selected (`--only`), whose cached trainings may be reused too."""
     first = {}
-    for cell in cells:
+    for cell in [*cells, *others]:
         if not cell.needs and load_cached(out, cell) is not None:
             first.setdefault(cell.training_key(), cell.label)
     plan_ = []
@@ -384,10 +385,13 @@ def schedule(cells: list[Cell], out: Path) -> list[tuple[Cell, str, str | None]]
     return plan_
 
 
-def run_cells(cells: list[Cell], out: Path, runner: Callable, log=print) -> dict[str, dict]:
+def run_cells(cells: list[Cell], out: Path, runner: Callable, log=print, others: list[Cell] = ()) -> dict[str, dict]:
     """Run every runnable cell not cached yet, caching each as it finishes (a rerun skips it);
-    `runner(cell, config)` returns the cell's metrics. Returns {cell label: record}."""
-    steps = schedule(cells, out)
+    `runner(cell, config)` returns the cell's metrics; a cell that trains exactly as a cached one
+    (of `cells` or of `others`, the claims not selected) or an earlier one reuses its record.
+    Returns {cell label: record} of `cells`."""
+    steps = schedule(cells, out, others)
+    sources = {cell.label: record for cell in others if not cell.needs and (record := load_cached(out, cell))}
     records = {cell.label: load_cached(out, cell) for cell, status, _ in steps if status == "cached"}
     todo = [(cell, status, source) for cell, status, source in steps if status in ("run", "reuse")]
     runs = [cell for cell, status, _ in todo if status == "run"]
@@ -397,7 +401,7 @@ def run_cells(cells: list[Cell], out: Path, runner: Callable, log=print) -> dict
     spent = estimated = 0.0
     for i, (cell, status, source) in enumerate(todo, 1):
         if status == "reuse":  # the same training ran for another claim
-            record = {**records[source], "claim": cell.claim, "config": cell.arm, "seed": cell.seed,
+            record = {**(records.get(source) or sources[source]), "claim": cell.claim, "config": cell.arm, "seed": cell.seed,
                       "overrides": cell.overrides, "reused_from": source}
             write_json_atomic(cell_path(out, cell), record)
             records[cell.label] = record
@@ -747,7 +751,9 @@ def main(argv=None, runner: Callable | None = None, log=print) -> int:
         return 0
     prepare_datasets(cells, budget, log)
     try:
-        run_cells(cells, out, runner or make_runner(budget), log)
+        selected = {cell.label for cell in cells}
+        others = [c for c in plan(budget, runs, None, args.seeds) if c.label not in selected] if args.only else []
+        run_cells(cells, out, runner or make_runner(budget), log, others)
     finally:  # a study stopped by a failing cell still reports what it finished
         if "ray" in sys.modules and sys.modules["ray"].is_initialized():
             sys.modules["ray"].shutdown()

@@ -192,6 +192,24 @@ def test_identical_training_in_two_claims_runs_once(fidelity, tmp_path):
     assert reused["metrics"] == {"knn": 0.5, "linear": 0.6, "val_top1": None}
 
 
+def test_a_claim_run_alone_reuses_the_cached_training_of_another_claim(fidelity, tmp_path):
+    """`--only cacr_imbalance` after `--only cacr_vs_cl`: its regular-set arms are cacr_vs_cl's cells."""
+    budget = fidelity.BUDGETS["quick"]
+    fidelity.run_cells(fidelity.plan(budget, tmp_path / "runs", ["cacr_vs_cl"]), tmp_path, RecordingRunner(),
+                       log=lambda line: None)
+    cells = fidelity.plan(budget, tmp_path / "runs", ["cacr_imbalance"])
+    others = [c for c in fidelity.plan(budget, tmp_path / "runs") if c.claim != "cacr_imbalance"]
+    runner = RecordingRunner()
+    records = fidelity.run_cells(cells, tmp_path, runner, log=lambda line: None, others=others)
+    assert runner.calls == [c.label for c in cells if "regular" not in c.arm]
+    assert records["cacr_imbalance/cl_regular/seed0"]["reused_from"] == "cacr_vs_cl/cl/seed0"
+    assert records["cacr_imbalance/cacr_k4_regular/seed0"]["reused_from"] == "cacr_vs_cl/cacr_k4/seed0"
+    without = RecordingRunner()  # the same run without the other claims' cells trains its regular arms again
+    fidelity.run_cells(fidelity.plan(budget, tmp_path / "runs2", ["cacr_imbalance"]), tmp_path / "fresh", without,
+                       log=lambda line: None)
+    assert len(without.calls) == len(cells)
+
+
 def test_each_cell_prints_a_progress_line_with_an_eta(fidelity, tmp_path):
     cells = fidelity.plan(fidelity.BUDGETS["quick"], tmp_path / "runs", ["interclr_vs_base"])
     lines = []

@@ -363,19 +363,28 @@ def load_cached(out: Path, cell: Cell) -> dict | None:
     return record if record.get("overrides") == cell.overrides else None
 
 
-def schedule(cells: list[Cell], out: Path, others: list[Cell] = ()) -> list[tuple[Cell, str, str | None]]:
+def cached_records(out: Path, cells: list[Cell]) -> dict[str, dict]:
+    """{cell label: cached record} of the runnable cells that have one (each file read once)."""
+    return {cell.label: record for cell in cells if not cell.needs and (record := load_cached(out, cell)) is not None}
+
+
+def schedule(cells: list[Cell], out: Path, others: list[Cell] = (),
+             cached: dict[str, dict] | None = None) -> list[tuple[Cell, str, str | None]]:
     """(cell, status, source) in run order: status "needs" (not runnable yet), "cached", "reuse"
     (the same training as `source`, a cached cell or one that runs earlier) or "run". `others`: the
-    cells of claims not selected (`--only`), whose cached trainings may be reused too."""
+    cells of claims not selected (`--only`), whose cached trainings may be reused too. `cached`:
+    `cached_records(out, cells + others)` where the caller has it."""
+    if cached is None:
+        cached = cached_records(out, [*cells, *others])
     first = {}
     for cell in [*cells, *others]:
-        if not cell.needs and load_cached(out, cell) is not None:
+        if cell.label in cached:
             first.setdefault(cell.training_key(), cell.label)
     plan_ = []
     for cell in cells:
         if cell.needs:
             plan_.append((cell, "needs", None))
-        elif load_cached(out, cell) is not None:
+        elif cell.label in cached:
             plan_.append((cell, "cached", None))
         elif cell.training_key() in first:
             plan_.append((cell, "reuse", first[cell.training_key()]))
@@ -390,9 +399,9 @@ def run_cells(cells: list[Cell], out: Path, runner: Callable, log=print, others:
     `runner(cell, config)` returns the cell's metrics; a cell that trains exactly as a cached one
     (of `cells` or of `others`, the claims not selected) or an earlier one reuses its record.
     Returns {cell label: record} of `cells`."""
-    steps = schedule(cells, out, others)
-    sources = {cell.label: record for cell in others if not cell.needs and (record := load_cached(out, cell))}
-    records = {cell.label: load_cached(out, cell) for cell, status, _ in steps if status == "cached"}
+    cached = cached_records(out, [*cells, *others])
+    steps = schedule(cells, out, others, cached)
+    records = {cell.label: cached[cell.label] for cell, status, _ in steps if status == "cached"}
     todo = [(cell, status, source) for cell, status, source in steps if status in ("run", "reuse")]
     runs = [cell for cell, status, _ in todo if status == "run"]
     log(f"fidelity: {len(records)} cells cached, {len(runs)} to run, {len(todo) - len(runs)} reused "
@@ -401,7 +410,8 @@ def run_cells(cells: list[Cell], out: Path, runner: Callable, log=print, others:
     spent = estimated = 0.0
     for i, (cell, status, source) in enumerate(todo, 1):
         if status == "reuse":  # the same training ran for another claim
-            record = {**(records.get(source) or sources[source]), "claim": cell.claim, "config": cell.arm, "seed": cell.seed,
+            earlier = records[source] if source in records else cached[source]  # run now, or cached
+            record = {**earlier, "claim": cell.claim, "config": cell.arm, "seed": cell.seed,
                       "overrides": cell.overrides, "reused_from": source}
             write_json_atomic(cell_path(out, cell), record)
             records[cell.label] = record

@@ -311,18 +311,26 @@ def _ray_connection(address: str):
 
 
 def _write_all_on_ray(jobs, workers, progress) -> set[str]:
-    """One Ray task per shard (num_cpus=1, SPREAD over the nodes), at most `workers` in flight so the
-    item lists of a 14M-image plan are not all in the object store at once. Returns the ids of the
-    nodes that wrote them."""
+    """One Ray task per shard (num_cpus=1), at most `workers` in flight so the item lists of a 14M-image
+    plan are not all in the object store at once. The slots are dealt over the alive nodes, one per
+    CPU (runtime.placement: every node writes, a node that dies hands its shards on); a slot whose
+    shard is written takes the next one. Returns the ids of the nodes that wrote them."""
     import ray
-    task = ray.remote(write_shard_on_node).options(num_cpus=1, scheduling_strategy="SPREAD")
-    waiting, in_flight, nodes = list(reversed(jobs)), set(), set()
+
+    from runtime.placement import deal, node_capacity, pinned
+    task = ray.remote(write_shard_on_node)
+    slots = deal(node_capacity(ray.nodes(), "CPU"), workers)
+    if not slots:
+        raise ConversionError("--ray: the cluster has no node with a CPU to write shards on")
+    waiting, in_flight, nodes = list(reversed(jobs)), {}, set()
     try:
         while waiting or in_flight:
-            while waiting and len(in_flight) < workers:
-                in_flight.add(task.remote(*waiting.pop()))
+            for slot in [s for s in range(len(slots)) if s not in in_flight.values()]:
+                if waiting:
+                    options = {"num_cpus": 1, "scheduling_strategy": pinned(slots[slot], soft=True)}
+                    in_flight[task.options(**options).remote(*waiting.pop())] = slot
             (finished,), _ = ray.wait(list(in_flight), num_returns=1)
-            in_flight.remove(finished)
+            del in_flight[finished]
             record = _get_task_result(ray, finished)
             nodes.add(record["node"]["id"])
             progress.update(record["planned"])

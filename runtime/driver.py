@@ -74,6 +74,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
     from pipeline.actors import create_loader_actors
     from runtime.build import build_method, training_recipe
     from runtime.preflight import check_data, check_resources
+    from runtime.placement import deal, node_capacity, pinned
     from runtime.train import CHECKPOINTS_KEPT, train_loop_per_worker
 
     started = time.perf_counter()
@@ -92,15 +93,20 @@ def run(config: JobConfig, address: str | None = None) -> dict:
              runtime_env={"env_vars": job_env_vars(address)})
     check_resources(config, ray.cluster_resources(), ray.nodes(), num_banks=len(probe.bank_requests()))
     banks, loaders = [], []
+    requests, shards, gpus = probe.bank_requests(), config.bank.shards, config.bank.gpus_per_shard
+    # every bank's shards dealt over the nodes and pinned there (GPU nodes for GPU shards; runtime.placement)
+    homes = deal(node_capacity(ray.nodes(), "GPU") if gpus else {n: 1 for n in node_capacity(ray.nodes(), "CPU")},
+                 len(requests) * shards)
     try:
-        for i, request in enumerate(probe.bank_requests()):
+        for i, request in enumerate(requests):
             banks.append(MemoryBank.create(
                 num_samples, request.dim, num_shards=config.bank.shards,
                 num_clusters=config.bank.clusters if request.clusters else 1, momentum=request.momentum,
                 seed=config.train.seed, dtype=config.bank.dtype, snapshot_root=str(run_dir / f"bank-{i}"),
                 true_labels=labels if request.clusters else None, min_cluster=config.bank.min_cluster,
                 relabel=config.bank.labels == "online",
-                actor_options={"num_gpus": config.bank.gpus_per_shard, "scheduling_strategy": "SPREAD"}))
+                actor_options=[{"num_gpus": gpus, "scheduling_strategy": pinned(home, soft=False)}
+                               for home in homes[i * shards:(i + 1) * shards]] if homes else {"num_gpus": gpus}))
         for rank in range(config.train.num_workers if config.data.loaders else 0):
             loaders.append(create_loader_actors(  # one rank at a time: the finally kills every group made
                 config.data.root, training_recipe(probe, config), config.data.batch_size,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ CLUSTER_SCRIPT = """
 import json, shutil, sys
 from pathlib import Path
 from ray.cluster_utils import Cluster
+from tests.cluster import settle
 import pipeline.convert as convert_module
 from pipeline.convert import ConversionError, convert, main
 
@@ -31,6 +33,7 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
 report = {"nodes": [node.node_id for node in cluster.list_all_nodes()]}
+settle(cluster.address)  # the head schedules on both nodes before the conversions start
 
 
 def error_of_a_run(out, step, then):
@@ -90,7 +93,9 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("convert_ray")
     datasets.make_imagenet22k(tmp / "src", per_class=8)
     convert("imagenet22k", tmp / "src", tmp / "local", max_count=6, workers=2, log=lambda m: None)  # 7 shards
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+    # the cluster's own token (`Cluster` does not create ~/.ray/auth_token as `ray start` does)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
     result = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(tmp / "src"), str(tmp)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]

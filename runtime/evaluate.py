@@ -170,7 +170,7 @@ def _to_rank0(obj, rank: int, world: int) -> list | None:
 
 def _rank0_weights(module: torch.nn.Module, world: int) -> None:
     """Rank 0's parameters and buffers on every rank: the checkpoint is rank 0's, and DDP keeps the
-    parameters equal but not the BatchNorm running statistics (broadcast_buffers=False)."""
+    parameters equal but not the BatchNorm running statistics (forward_sync_buffers=False)."""
     if world > 1:
         for tensor in module.state_dict().values():
             torch.distributed.broadcast(tensor, src=0)

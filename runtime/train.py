@@ -29,6 +29,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train.v2._internal.execution import context as train_context  # its logger: see setup_worker
 
 from pipeline.actors import ActorLoader
 from pipeline.loader import build_loader
@@ -207,8 +208,10 @@ def setup_worker(loop_config: dict) -> Worker:
     config = JobConfig.from_dict(loop_config["config"])
     banks = loop_config["banks"]
     # Ray Train logs two INFO lines per checkpoint ("Checkpoint successfully created", "Reporting
-    # training result"): the job's own progress line says it once per interval
+    # training result"): the job's own progress line says it once per interval. The second comes
+    # from a logger named by its file's path, outside the "ray.train" hierarchy.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.train.torch_threads:
@@ -223,7 +226,9 @@ def setup_worker(loop_config: dict) -> Worker:
             print("note: model.sync_bn needs GPUs; BN statistics stay per worker on CPU", flush=True)
     model = method
     if world > 1:
-        model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"broadcast_buffers": False})
+        # BN statistics stay per rank in the forward passes (torch's `broadcast_buffers=False`, renamed;
+        # at init every rank holds the same seeded buffers, which DDP syncs once)
+        model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"forward_sync_buffers": False})
     t = config.train
     optimizer = build_optimizer(method, t.optimizer, lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum,
                                 trust_coefficient=t.trust_coefficient, exclude_bias_and_norm=t.exclude_bias_and_norm)
@@ -327,13 +332,22 @@ def _bank_wait(banks) -> float:
 
 def report(worker: Worker, step: int, epoch: int, logger) -> None:
     """A checkpoint every rank joins: rank 0 snapshots the banks under run_dir/bank-<i> and writes
-    the model, optimiser, lr schedule and step with the snapshot paths; the others report metrics only."""
+    the model, optimiser, lr schedule and step with the snapshot paths; the others report metrics only.
+    The snapshot holds exactly the updates of steps 1..step of every rank: each rank completes its
+    asynchronous bank update and meets the others before the save, and none starts step + 1 before it
+    (without the two barriers a two-worker run resumed with one rank's update missing: 46 updates
+    counted after 24 steps instead of 48)."""
     metrics = {"step": step, "epoch": epoch}
+    banks, run_dir = worker.banks, worker.run_dir
+    for bank in banks:
+        bank.settle()
+    barrier()
     if worker.rank != 0:
+        barrier()  # rank 0 saves the banks meanwhile
         ray.train.report(metrics)
         return
-    banks, run_dir = worker.banks, worker.run_dir
     snapshots = [bank.save(str(run_dir / f"bank-{i}" / f"step-{step:09d}")) for i, bank in enumerate(banks)]
+    barrier()
     with tempfile.TemporaryDirectory() as directory:
         torch.save({"model": worker.method.state_dict(), "optimizer": worker.optimizer.state_dict(),
                     "schedule": worker.schedule.state_dict(), "step": step, "bank_snapshots": snapshots},

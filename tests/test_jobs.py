@@ -1,12 +1,12 @@
 """jobs/: the InterCLR job end to end on Fashion-MNIST shards — `make demo`'s script on its own
-`ray start --head`, a killed Train worker and a resubmitted run name, three nodes, and one-line
-errors for bad input.
-Each test runs the real job in a subprocess (its own Ray), as a user would."""
+`ray start --head`; three nodes, with a killed Train worker and a resubmitted run name; one-line
+errors for bad input (in-process).
+Each job runs in a subprocess with its own Ray, as a user would."""
 from __future__ import annotations
 
 import json
 import os
-import signal
+import secrets
 import subprocess
 import sys
 import time
@@ -37,8 +37,12 @@ def shards(tmp_path_factory):
     return out
 
 
+TOKEN = secrets.token_hex(32)  # the Rays these tests start share it (`Cluster` does not create ~/.ray/auth_token)
+
+
 def env() -> dict:
-    return {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "PYTHONPATH": str(ROOT),
+            "RAY_DEDUP_LOGS": "0"}
 
 
 def run_job(*args, timeout=420) -> subprocess.CompletedProcess:
@@ -96,7 +100,7 @@ def test_make_demo_script_trains_evaluates_and_stops_only_its_own_ray(shards, tm
     assert progress and len(progress) == len(set(progress))  # each progress line once (Ray Train's print tee off)
     # quiet: no Ray Train line per checkpoint, and no PlacementGroupCleaner traceback although a second
     # Ray (this session's) runs on the machine
-    assert "Checkpoint successfully created" not in result.stdout
+    assert "Checkpoint successfully created" not in result.stdout and "Reporting training result" not in result.stdout
     assert "multiple active Ray instances" not in result.stdout
     assert summary["bank0_nmi"] > 0  # pseudo-labels carry class information
     assert summary["feature_std"] > 0.01  # not collapsed
@@ -105,102 +109,87 @@ def test_make_demo_script_trains_evaluates_and_stops_only_its_own_ray(shards, tm
     assert head and subprocess.run(["pgrep", "-f", head[0]], capture_output=True).returncode == 1  # its own: gone
 
 
-def own_train_workers(root_pid: int) -> list[int]:
-    """The Ray Train workers of the job started as `root_pid` (its local Ray's raylet is a child of
-    the job's driver): descendants only, so another Ray on the machine is never touched."""
-    rows = [line.split(None, 2) for line in subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True,
-                                                           text=True).stdout.splitlines()]
-    children: dict[int, list[tuple[int, str]]] = {}
-    for row in rows:
-        if len(row) == 3:
-            children.setdefault(int(row[1]), []).append((int(row[0]), row[2]))
-    found, todo = [], [root_pid]
-    while todo:
-        for pid, args in children.get(todo.pop(), []):
-            todo.append(pid)
-            if "RayTrainWorker" in args:
-                found.append(pid)
-    return found
-
-
-def test_a_killed_train_worker_resumes_and_a_resubmitted_run_name_continues(shards, tmp_path):
-    """One run name, two faults a user meets: a Train worker SIGKILLed mid-run (Ray Train restarts
-    the worker group from the last checkpoint, model and bank) and the run resubmitted with more
-    steps (it resumes at the step it ended on: nothing repeated, nothing skipped)."""
-    run_dir = tmp_path / "fault"
-    common = [*SMALL, *LIGHT_EVAL, "--shards", str(shards), "--storage", str(tmp_path), "--name", "fault",
-              "--set", "train.checkpoint_every=5", "--set", "method.warmup_epochs=0"]
-    job = subprocess.Popen([sys.executable, str(JOB), *common, "--max-steps", "20"], cwd=ROOT, env=env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if (run_dir / "metrics.jsonl").exists() and any(r.get("checkpoint") and r["step"] >= 10
-                                                            for r in metrics(run_dir)):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("no checkpoint within 300 s")
-        workers = own_train_workers(job.pid)
-        assert len(workers) == 1, workers
-        os.kill(workers[0], signal.SIGKILL)
-        output, _ = job.communicate(timeout=400)
-    finally:
-        job.kill()
-    assert job.returncode == 0, output[-3000:]
-    assert "resumed from step" in output
-    records = metrics(run_dir)
-    steps = [r["step"] for r in records if "loss" in r]
-    assert steps[-1] == 20 and set(range(1, 21)) <= set(steps)
-
-    second = run_job(*common, "--max-steps", "24")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from step 20" in second.stdout + second.stderr
-    assert [r["step"] for r in metrics(run_dir)[len(records):] if "loss" in r] == [21, 22, 23, 24]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["step"] == 24
-    assert summary["bank0_step"] == 24  # the bank's update count continued from the snapshot, twice
-    snapshots = sorted(p.name for p in (run_dir / "bank-0").glob("step-*"))
-    assert snapshots == ["step-000000015", "step-000000020", "step-000000024"]  # older ones pruned
-
-
-def test_the_job_runs_on_a_three_node_cluster(shards, tmp_path):
-    """Nothing assumes one machine: a `ray.cluster_utils.Cluster` of three nodes with one CPU each,
-    two Train workers (DDP over gloo) that must land on different nodes, a loader actor each, and
-    bank shards spread over the nodes. Placement is read from the GCS's actor table."""
+def test_three_nodes_a_killed_train_worker_and_a_resubmitted_run_name(shards, tmp_path):
+    """Nothing assumes one machine, and the faults a user meets are survived there: a
+    `ray.cluster_utils.Cluster` of three nodes with one CPU each runs the job with two Train workers
+    (DDP over gloo) that must land on different nodes, a loader actor each and bank shards spread over
+    the nodes (placement read from the GCS's actor table). A Train worker SIGKILLed mid-run: Ray Train
+    restarts the worker group from the last checkpoint, model and bank. Then the run name resubmitted
+    with more steps by a new process (`jobs/interclr_imagenet.py --address`): it resumes at the step it
+    ended on, nothing repeated, nothing skipped."""
+    run_dir = tmp_path / "nodes"
+    common = [*SMALL, *LIGHT_EVAL, "--shards", str(shards), "--storage", str(tmp_path), "--name", "nodes",
+              "--workers", "2", "--set", "train.cpus_per_worker=1", "--set", "data.loader_cpus=0.25",
+              "--set", "train.torch_threads=1", "--set", "method.warmup_epochs=0",
+              "--set", "train.checkpoint_every=5"]
     script = f"""
-import json, sys
+import json, os, signal, subprocess, sys, threading, time
 sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
 import ray
 from ray._private import state
 from ray.cluster_utils import Cluster
 from runtime.config import parse_args
+from tests.cluster import settle
 from runtime.driver import run
 cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
 for _ in range(2):
     cluster.add_node(num_cpus=1)
-config, _ = parse_args({SMALL + LIGHT_EVAL + ["--shards", str(shards), "--storage", str(tmp_path), "--name", "nodes",
-                                  "--workers", "2", "--max-steps", "6", "--set", "train.cpus_per_worker=1",
-                                  "--set", "data.loader_cpus=0.25", "--set", "train.torch_threads=1",
-                                  "--set", "method.warmup_epochs=0"]!r})
-summary = run(config, address=cluster.address)
-placed = {{}}
-for info in state.actors().values():
-    placed.setdefault(info["ActorClassName"], []).append(info["Address"]["NodeID"])
-print("PLACED", json.dumps({{"nodes": len(ray.nodes()), "actors": placed}}))
+settle(cluster.address)  # the head schedules on all three nodes before the job places its actors
+metrics, report = Path({str(run_dir / "metrics.jsonl")!r}), {{}}
+
+def alive(name):
+    return [info for info in state.actors().values() if info["ActorClassName"] == name and info["State"] == "ALIVE"]
+
+def kill_a_worker_after_the_step_10_checkpoint():
+    while not (metrics.exists() and any(json.loads(line).get("checkpoint") and json.loads(line)["step"] >= 10
+                                        for line in metrics.read_text().splitlines())):
+        time.sleep(0.5)
+    report["placed"] = {{name: [info["Address"]["NodeID"] for info in alive(name)]
+                        for name in ("RayTrainWorker", "LoaderActor", "BankShard")}}
+    os.kill(alive("RayTrainWorker")[0]["Pid"], signal.SIGKILL)
+
+killer = threading.Thread(target=kill_a_worker_after_the_step_10_checkpoint, daemon=True)
+killer.start()
+config, _ = parse_args({common + ["--max-steps", "20"]!r})
+run(config, address=cluster.address)
+report["nodes"] = len(ray.nodes())
+report["first_steps"] = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in line]
+second = subprocess.run([sys.executable, {str(JOB)!r}, *{common!r}, "--max-steps", "24", "--address", cluster.address],
+                        capture_output=True, text=True, timeout=300)
+report["second"] = {{"rc": second.returncode, "output": second.stdout + second.stderr}}
+print("REPORT", json.dumps(report))
 ray.shutdown()
 cluster.shutdown()
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))[7:])
+    # the first run's log: the script's own output without the report (which holds the second's)
+    output = "\n".join(line for line in result.stdout.splitlines() if not line.startswith("REPORT ")) + result.stderr
+    assert "placed" in report, "no worker was killed: no checkpoint at step 10 before the run ended"
+    # placement: three nodes, the two Train workers on two of them, bank shards SPREAD
+    assert report["nodes"] == 3
+    placed = report["placed"]
+    assert len(placed["RayTrainWorker"]) == 2 and len(set(placed["RayTrainWorker"])) == 2  # one per node
+    assert len(placed["LoaderActor"]) == 2
+    assert len(placed["BankShard"]) == 2 and len(set(placed["BankShard"])) == 2
     # RAY_ADDRESS reaches Ray Train's actors: its PlacementGroupCleaner does not auto-detect the cluster
-    assert "multiple active Ray instances" not in result.stdout + result.stderr
-    placed = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("PLACED "))[7:])
-    assert placed["nodes"] == 3
-    actors = placed["actors"]
-    assert len(actors["RayTrainWorker"]) == 2 and len(set(actors["RayTrainWorker"])) == 2  # one per node
-    assert len(actors["LoaderActor"]) == 2
-    assert len(actors["BankShard"]) == 2 and len(set(actors["BankShard"])) == 2  # SPREAD over the nodes
-    summary = json.loads((tmp_path / "nodes" / "summary.json").read_text())
-    assert summary["step"] == 6
+    assert "multiple active Ray instances" not in output
+    assert "Reporting training result" not in output and "FutureWarning" not in output  # quiet with DDP too
+    # the killed worker: the group restarted from a checkpoint and every step up to 20 was trained
+    assert "resumed from step" in output
+    steps = report["first_steps"]
+    assert steps[-1] == 20 and set(range(1, 21)) <= set(steps)
+    # the resubmitted run name: from step 20 on, in a new process
+    second = report["second"]
+    assert second["rc"] == 0, second["output"][-3000:]
+    assert "resumed from step 20" in second["output"]
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r][len(steps):] == [21, 22, 23, 24]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 24
+    assert summary["bank0_step"] == 2 * 24  # one update per worker and step, continued from the snapshot twice
+    snapshots = sorted(p.name for p in (run_dir / "bank-0").glob("step-*"))
+    # every 5 steps and at the epoch's end (3,000 images / (2 workers × 64) = 23 steps); older ones pruned
+    assert snapshots == ["step-000000020", "step-000000023", "step-000000024"]

@@ -92,6 +92,20 @@ class MemoryBank:
         the largest (mmselfsup InterCLR's default, 20); 0 disables this upkeep. `relabel=False`: offline
         pseudo-labels (003 Observation 1): `update` writes features only, labels change only when
         `init_clusters` runs again (the trainer reruns it every epoch), and there is no upkeep."""
+        config, shard_args = cls.plan(num_samples, dim, num_shards, num_clusters, momentum, seed, dtype,
+                                      snapshot_root, true_labels, max_restarts, threads_per_shard, min_cluster, relabel)
+        options = actor_options if isinstance(actor_options, list) else [actor_options or {}] * num_shards
+        remote = ray.remote(BankShard)
+        shards = [remote.options(**{"num_cpus": 0, "max_restarts": max_restarts, "max_task_retries": 0,
+                                    **options[s]}).remote(*shard_args[s]) for s in range(num_shards)]
+        return cls.connect(shards, config)
+
+    @classmethod
+    def plan(cls, num_samples: int, dim: int, num_shards: int = 1, num_clusters: int = 10_000,
+             momentum: float = 0.5, seed: int = 0, dtype: str = "float32", snapshot_root: str | None = None,
+             true_labels: np.ndarray | None = None, max_restarts: int = -1, threads_per_shard: int | None = None,
+             min_cluster: int = MIN_CLUSTER, relabel: bool = True) -> tuple[dict, list[tuple]]:
+        """The checked request of `create`: the bank's config and each shard's `BankShard` arguments."""
         if num_samples <= 0 or dim <= 0 or num_shards <= 0 or num_clusters <= 0:
             raise ValueError("num_samples, dim, num_shards and num_clusters must be positive")
         if num_clusters > num_samples:
@@ -112,14 +126,13 @@ class MemoryBank:
                   "momentum": momentum, "seed": seed, "dtype": dtype, "snapshot_root": snapshot_root,
                   "max_restarts": max_restarts, "threads_per_shard": threads_per_shard,
                   "min_cluster": int(min_cluster), "relabel": bool(relabel)}
-        options = actor_options if isinstance(actor_options, list) else [actor_options or {}] * num_shards
-        remote = ray.remote(BankShard)
-        shards = []
-        for s in range(num_shards):
-            opts = {"num_cpus": 0, "max_restarts": max_restarts, "max_task_retries": 0, **options[s]}
-            labels = None if true_labels is None else np.asarray(true_labels)[s::num_shards]
-            shards.append(remote.options(**opts).remote(s, num_shards, num_samples, dim, num_clusters, dtype,
-                                                        "auto", snapshot_root, labels, threads_per_shard))
+        labels = [None if true_labels is None else np.asarray(true_labels)[s::num_shards] for s in range(num_shards)]
+        return config, [(s, num_shards, num_samples, dim, num_clusters, dtype, "auto", snapshot_root, labels[s],
+                         threads_per_shard) for s in range(num_shards)]
+
+    @classmethod
+    def connect(cls, shards: list, config: dict) -> "MemoryBank":
+        """The client of `shards` (BankShard actors built from `plan`'s arguments), once each answers."""
         bank = cls(shards, config)
         ray.get([shard.ping.remote() for shard in shards])
         return bank

@@ -30,34 +30,36 @@ def kill(ray, actors):
         ray.kill(actor, no_restart=True)
 
 
-def test_two_loader_actors_serve_every_sample_once_per_epoch(ray_cluster, shards):
-    actors = create_loader_actors(shards, RECIPE, batch_size=4, num_loaders=2, seed=0)
-    try:
-        loader = ActorLoader(actors, prefetch=2)
-        for epoch in range(2):
-            batches = list(loader.epoch(epoch))
-            ids = torch.cat([b["index"] for b in batches]).tolist()
-            assert sorted(ids) == list(range(50)) and len(loader) == len(batches)
-            assert all(b["views"][0].shape[1:] == (3, 32, 32) for b in batches)
-        assert loader.max_in_flight <= 2
-    finally:
-        kill(ray_cluster, actors)
+@pytest.fixture(scope="module")
+def two_loaders(ray_cluster, shards):
+    """Two loader actors (batch 4, seed 0) for the tests below: each reads whole epochs from them
+    (the killed-loader test, last, leaves a restarted actor that serves like the others). They reserve
+    no CPU, so the other tests' groups still fit the session's 2-CPU cluster beside them."""
+    actors = create_loader_actors(shards, RECIPE, batch_size=4, num_loaders=2, seed=0, actor_options={"num_cpus": 0})
+    yield actors
+    kill(ray_cluster, actors)
 
 
-def test_a_resumed_epoch_skips_inside_the_loaders_and_continues_the_same_order(ray_cluster, shards):
+def test_two_loader_actors_serve_every_sample_once_per_epoch(two_loaders):
+    loader = ActorLoader(two_loaders, prefetch=2)
+    for epoch in range(2):
+        batches = list(loader.epoch(epoch))
+        ids = torch.cat([b["index"] for b in batches]).tolist()
+        assert sorted(ids) == list(range(50)) and len(loader) == len(batches)
+        assert all(b["views"][0].shape[1:] == (3, 32, 32) for b in batches)
+    assert loader.max_in_flight <= 2
+
+
+def test_a_resumed_epoch_skips_inside_the_loaders_and_continues_the_same_order(two_loaders):
     """Resume: epoch(e, skip=s) yields exactly batches s… of epoch(e), and only those cross the
     object store (without the feature the trainer pulled and dropped the first s). Skips of 0, an
     odd and an even count (loader 1's turn, loader 0's), one after another on the same actors."""
-    actors = create_loader_actors(shards, RECIPE, batch_size=4, num_loaders=2, seed=0)
-    try:
-        full = [b["index"].tolist() for b in ActorLoader(actors).epoch(1)]
-        for skip in (0, 5, 6):
-            resumed = ActorLoader(actors)
-            tail = [b["index"].tolist() for b in resumed.epoch(1, skip=skip)]
-            assert tail == full[skip:], skip
-            assert resumed.transferred == len(full) - skip, skip
-    finally:
-        kill(ray_cluster, actors)
+    full = [b["index"].tolist() for b in ActorLoader(two_loaders).epoch(1)]
+    for skip in (0, 5, 6):
+        resumed = ActorLoader(two_loaders)
+        tail = [b["index"].tolist() for b in resumed.epoch(1, skip=skip)]
+        assert tail == full[skip:], skip
+        assert resumed.transferred == len(full) - skip, skip
 
 
 def test_drop_last_and_pad_last_act_on_each_loader_actor(ray_cluster, shards):
@@ -87,26 +89,23 @@ def test_loaders_of_two_trainers_split_the_epoch(ray_cluster, shards):
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(50))
 
 
-def test_a_killed_loader_is_restarted_and_nothing_is_lost_or_duplicated(ray_cluster, shards):
-    actors = create_loader_actors(shards, RECIPE, batch_size=2, num_loaders=2, seed=0)
-    try:
-        loader = ActorLoader(actors, prefetch=1)
-        ids = []
-        for n, batch in enumerate(loader.epoch(0)):
-            ids += batch["index"].tolist()
-            if n == 3:  # kill loader 0 mid-epoch and wait for Ray to restart it
-                ray_cluster.kill(actors[0], no_restart=False)
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    try:
-                        ray_cluster.get(actors[0].ping.remote(), timeout=10)
-                        break
-                    except (ray_cluster.exceptions.RayActorError, ray_cluster.exceptions.GetTimeoutError):
-                        time.sleep(0.2)
-        assert sorted(ids) == list(range(50))  # every sample exactly once
-        assert loader.replayed > 0  # the restarted loader recomputed what it had delivered
-    finally:
-        kill(ray_cluster, actors)
+def test_a_killed_loader_is_restarted_and_nothing_is_lost_or_duplicated(ray_cluster, two_loaders):
+    actors = two_loaders
+    loader = ActorLoader(actors, prefetch=1)
+    ids = []
+    for n, batch in enumerate(loader.epoch(0)):
+        ids += batch["index"].tolist()
+        if n == 3:  # kill loader 0 mid-epoch (its second of seven batches out) and wait for Ray to restart it
+            ray_cluster.kill(actors[0], no_restart=False)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    ray_cluster.get(actors[0].ping.remote(), timeout=10)
+                    break
+                except (ray_cluster.exceptions.RayActorError, ray_cluster.exceptions.GetTimeoutError):
+                    time.sleep(0.2)
+    assert sorted(ids) == list(range(50))  # every sample exactly once
+    assert loader.replayed > 0  # the restarted loader recomputed what it had delivered
 
 
 def test_loader_actors_skip_an_undecodable_sample_and_report_it(ray_cluster, shards, tmp_path):

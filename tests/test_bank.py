@@ -10,7 +10,6 @@ import torch
 
 from bank import BankStateError, MemoryBank
 from bank.kmeans import normalized_mutual_info
-from bank.shard import BankShard
 from losses import info_nce, info_nce_from_logits
 
 
@@ -23,65 +22,6 @@ def blobs(n, k, d, noise, seed=0):
     centers = unit(rng.normal(size=(k, d)))
     labels = rng.permutation(np.arange(n) % k)
     return unit(centers[labels] + noise * rng.normal(size=(n, d))).astype(np.float32), labels
-
-
-@pytest.fixture(scope="module")
-def shard_pool(ray_cluster):
-    """BankShard actors kept for this module's tests. A bank from `make_bank` takes free ones and has
-    each re-run `BankShard.__init__` with the arguments `MemoryBank.plan` gives its shard (the state
-    a new actor starts in; torch's threads back to Ray's one) instead of a new process importing torch
-    (1.5–2.4 s per shard, measured). Fresh banks (the killed-shard tests), banks with their own actor
-    options and the module-scoped banks below go through `MemoryBank.create`."""
-    ray = ray_cluster
-    free, spawn = [], ray.remote(BankShard).options(num_cpus=0, max_restarts=-1, max_task_retries=0)
-
-    def reinit(shard, *args):
-        import os
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        shard.__init__(*args)
-
-    def take(args):
-        if not free:
-            return spawn.remote(*args)
-        actor = free.pop()
-        ray.get(actor.__ray_call__.remote(reinit, *args))
-        return actor
-
-    def give_back(actors):
-        for actor in actors:
-            try:
-                fresh = ray.get(actor.ping.remote(), timeout=30)["generation"] == 0
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                fresh = False
-            if fresh:
-                free.append(actor)
-            else:
-                ray.kill(actor, no_restart=True)
-
-    yield take, give_back
-    for actor in free:
-        ray.kill(actor, no_restart=True)
-
-
-@pytest.fixture
-def make_bank(shard_pool):
-    take, give_back = shard_pool
-    banks = []
-
-    def make(*args, fresh: bool = False, **kwargs):
-        """fresh=True: new actors from `MemoryBank.create` (a killed one restarts from its creation
-        arguments, which a pooled actor does not have)."""
-        if fresh or "actor_options" in kwargs or "max_restarts" in kwargs:
-            bank = MemoryBank.create(*args, **kwargs)
-        else:
-            config, shard_args = MemoryBank.plan(*args, **kwargs)
-            bank = MemoryBank.connect([take(a) for a in shard_args], config)
-        banks.append(bank)
-        return bank
-
-    yield make
-    for bank in banks:
-        give_back(bank.shards)
 
 
 def clustered_bank(make_bank, n=600, k=6, d=8, noise=0.3, shards=1, seed=0, **kwargs):

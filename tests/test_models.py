@@ -264,19 +264,12 @@ def test_cmc_in_batch_learns_with_core_and_full_graphs():
 
 # --- methods with a real bank ------------------------------------------------------------------------
 
-def make_bank(request, num_samples: int = 64, clusters: int = 4):
-    from bank import MemoryBank
-    return MemoryBank.create(num_samples, request.dim, num_shards=2, num_clusters=clusters,
-                             momentum=request.momentum, seed=0)
-
-
-def attach_banks(method):
+def attach_banks(method, make_bank):
     """Create the banks the method requests (2 shards, random unit features, k-means when it needs
-    pseudo-labels) and attach them."""
-    from bank import MemoryBank
+    pseudo-labels; `make_bank` of conftest.py) and attach them."""
     banks = []
     for request in method.bank_requests():
-        bank = MemoryBank.create(64, request.dim, num_shards=2, num_clusters=4, momentum=request.momentum, seed=0)
+        bank = make_bank(64, request.dim, num_shards=2, num_clusters=4, momentum=request.momentum, seed=0)
         ids = np.arange(bank.num_samples)
         bank.set_features(ids, torch.nn.functional.normalize(torch.randn(len(ids), bank.dim), dim=1))
         if request.clusters:
@@ -285,20 +278,19 @@ def attach_banks(method):
     return method.attach_banks(banks), banks
 
 
-def test_npid_learns_and_updates_its_bank(ray_cluster):
+def test_npid_learns_and_updates_its_bank(make_bank):
     torch.manual_seed(0)
-    method, (bank,) = attach_banks(NPID(tiny_backbone(), hidden_dim=64, num_negatives=32))
+    method, (bank,) = attach_banks(NPID(tiny_backbone(), hidden_dim=64, num_negatives=32), make_bank)
     batch = batch_of(1)
     before = bank.get(batch["index"]).clone()
     assert_learns(train_steps(method, batch, 8))
     assert not torch.allclose(before, bank.get(batch["index"]))
-    bank.shutdown()
 
 
 @pytest.mark.parametrize("base", ["npid", "moco", "byol"])
-def test_interclr_step_talks_to_a_real_bank(ray_cluster, base):
+def test_interclr_step_talks_to_a_real_bank(make_bank, base):
     torch.manual_seed(0)
-    method, (bank,) = attach_banks(InterCLR(tiny_backbone(), base=base, num_negatives=16, queue_size=64))
+    method, (bank,) = attach_banks(InterCLR(tiny_backbone(), base=base, num_negatives=16, queue_size=64), make_bank)
     batch = batch_of(2)
     before = bank.get(batch["index"]).clone()
     untouched = bank.get(batch["index"] + 1).clone()
@@ -313,15 +305,13 @@ def test_interclr_step_talks_to_a_real_bank(ray_cluster, base):
     after = bank.get(batch["index"])
     assert not torch.allclose(before, after)  # the batch's rows moved (Eq. 2)
     torch.testing.assert_close(untouched, bank.get(batch["index"] + 1))  # nothing else did
-    bank.shutdown()
 
 
-def test_interclr_warmup_uses_the_intra_branch_only(ray_cluster):
+def test_interclr_warmup_uses_the_intra_branch_only(make_bank):
     torch.manual_seed(0)
-    method, (bank,) = attach_banks(InterCLR(tiny_backbone(), base="npid", num_negatives=16, warmup_epochs=2))
+    method, (bank,) = attach_banks(InterCLR(tiny_backbone(), base="npid", num_negatives=16, warmup_epochs=2), make_bank)
     assert set(method.training_step(batch_of(1), epoch=1)) == {"loss", "intra"}
     assert set(method.training_step(batch_of(1), epoch=2)) == {"loss", "intra", "inter"}
-    bank.shutdown()
 
 
 def test_interclr_paper_defaults():
@@ -335,17 +325,16 @@ def test_interclr_paper_defaults():
         InterCLR(tiny_backbone(), base="swav")
 
 
-def test_cmc_with_banks_learns_and_updates_one_bank_per_view(ray_cluster):
+def test_cmc_with_banks_learns_and_updates_one_bank_per_view(make_bank):
     torch.manual_seed(0)
-    method, banks = attach_banks(CMC(SplitEncoder(tiny_backbone, (1, 2)), num_negatives=32))
+    method, banks = attach_banks(CMC(SplitEncoder(tiny_backbone, (1, 2)), num_negatives=32), make_bank)
     assert len(banks) == 2 and method.temperature == 0.07 and banks[0].momentum == 0.5
     batch = batch_of(1)
     before = [b.get(batch["index"]).clone() for b in banks]
     assert_learns(train_steps(method, batch, 8))
     for bank, old in zip(banks, before):
         assert not torch.allclose(old, bank.get(batch["index"]))
-        bank.shutdown()
-
+    
 
 def test_bank_methods_refuse_imclr_rows_and_missing_banks():
     with pytest.raises(ValueError, match="needs 1 memory bank"):

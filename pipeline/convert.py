@@ -323,14 +323,15 @@ def _write_all_on_ray(jobs, workers, progress) -> set[str]:
     if not slots:
         raise ConversionError("--ray: the cluster has no node with a CPU to write shards on")
     waiting, in_flight, nodes = list(reversed(jobs)), {}, set()
+    free = list(reversed(range(len(slots))))  # the slots without a task, first slot on top
     try:
         while waiting or in_flight:
-            for slot in [s for s in range(len(slots)) if s not in in_flight.values()]:
-                if waiting:
-                    options = {"num_cpus": 1, "scheduling_strategy": pinned(slots[slot], soft=True)}
-                    in_flight[task.options(**options).remote(*waiting.pop())] = slot
+            while waiting and free:
+                slot = free.pop()
+                options = {"num_cpus": 1, "scheduling_strategy": pinned(slots[slot], soft=True)}
+                in_flight[task.options(**options).remote(*waiting.pop())] = slot
             (finished,), _ = ray.wait(list(in_flight), num_returns=1)
-            del in_flight[finished]
+            free.append(in_flight.pop(finished))
             record = _get_task_result(ray, finished)
             nodes.add(record["node"]["id"])
             progress.update(record["planned"])

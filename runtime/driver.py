@@ -91,16 +91,17 @@ def run(config: JobConfig, address: str | None = None) -> dict:
 
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=True,
              runtime_env={"env_vars": job_env_vars(address)})
-    check_resources(config, ray.cluster_resources(), ray.nodes(), num_banks=len(probe.bank_requests()))
+    nodes, requests = ray.nodes(), probe.bank_requests()
+    check_resources(config, ray.cluster_resources(), nodes, num_banks=len(requests))
     banks, loaders = [], []
-    requests, shards, gpus = probe.bank_requests(), config.bank.shards, config.bank.gpus_per_shard
+    shards, gpus = config.bank.shards, config.bank.gpus_per_shard
     # every bank's shards dealt over the nodes and pinned there (GPU nodes for GPU shards; runtime.placement)
-    homes = deal(node_capacity(ray.nodes(), "GPU") if gpus else {n: 1 for n in node_capacity(ray.nodes(), "CPU")},
+    homes = deal(node_capacity(nodes, "GPU") if gpus else {n: 1 for n in node_capacity(nodes, "CPU")},
                  len(requests) * shards)
     try:
         for i, request in enumerate(requests):
             banks.append(MemoryBank.create(
-                num_samples, request.dim, num_shards=config.bank.shards,
+                num_samples, request.dim, num_shards=shards,
                 num_clusters=config.bank.clusters if request.clusters else 1, momentum=request.momentum,
                 seed=config.train.seed, dtype=config.bank.dtype, snapshot_root=str(run_dir / f"bank-{i}"),
                 true_labels=labels if request.clusters else None, min_cluster=config.bank.min_cluster,

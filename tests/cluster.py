@@ -9,13 +9,14 @@ def settle(address: str, timeout: float = 120) -> list[str]:
     counts it: until then a soft node affinity to it falls back to another node (measured: the third
     of three actors placed on the second node) and Ray's SPREAD packs. A hard affinity waits for it."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from runtime.placement import node_capacity, pinned
     ray.init(address=address, configure_logging=False)
     try:
-        nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+        nodes = list(node_capacity(ray.nodes(), "CPU"))  # the alive ones
         probe = ray.remote(num_cpus=0)(lambda: ray.get_runtime_context().get_node_id())
-        where = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
-                         for node in nodes], timeout=timeout)
+        where = ray.get([probe.options(scheduling_strategy=pinned(node, soft=False)).remote() for node in nodes],
+                        timeout=timeout)
         assert where == nodes, (where, nodes)
         return nodes
     finally:

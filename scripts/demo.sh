@@ -35,17 +35,45 @@ fi
 rm -rf "$RUNS/demo"
 # Ray 2.60 token authentication stays on: both `ray start` and `ray job submit` need the mode set.
 export RAY_AUTH_MODE=token
-# The head gets its own temp dir (short: Ray's socket paths must fit 107 bytes); on exit only the
-# processes of that head are stopped (`ray stop` would stop every Ray on the machine).
+# The head gets its own temp dir (short: Ray's socket paths must fit 107 bytes). On exit only the
+# processes of that head are stopped (`ray stop` would stop every Ray on the machine): the ones `ray start`
+# left running, found by a variable in their environment, and every process below them (raylet workers,
+# the dashboard's modules and agents). The agents retitle themselves "ray::DashboardAgent", which clears
+# their environment and command line; stopping what named the temp dir left them running, one spinning a
+# core, once the raylet was gone.
 RAY_TMP=$(mktemp -d /tmp/vbdemo-XXXXXX)
+MARK="VIEWBANK_DEMO_RAY=$RAY_TMP"
+own_ray() {
+  local found level
+  if [ -r /proc/self/environ ]; then found=$(grep -lsxzF -- "$MARK" /proc/[0-9]*/environ | cut -d/ -f3 || true)
+  else found=$(pgrep -f -- "$RAY_TMP" || true); fi  # no /proc: the command lines that name the temp dir
+  level=$found
+  while [ -n "$level" ]; do
+    level=$(pgrep -P "$(echo $level | tr ' ' ',')" || true)
+    found="$found $level"
+  done
+  echo $found | tr " " "\n" | sort -un
+}
+running() {  # those of the given processes that have not exited (a zombie has)
+  [ $# -gt 0 ] || return 0
+  ps -o pid=,stat= -p "$(echo "$@" | tr ' ' ,)" 2>/dev/null | awk '$2 !~ /^Z/ {print $1}' || true
+}
 stop_own_ray() {
-  pkill -TERM -f -- "$RAY_TMP" 2>/dev/null || true
-  sleep 2
-  pkill -KILL -f -- "$RAY_TMP" 2>/dev/null || true
-  rm -rf "$RAY_TMP"
+  local pids signal wait
+  pids=$(own_ray)  # the whole tree, before any of it exits and orphans its children
+  for signal in TERM KILL; do
+    pids=$(running $pids)
+    [ -n "$pids" ] || break
+    kill -"$signal" $pids 2>/dev/null || true
+    for wait in $(seq 1 20); do  # up to 2 s to exit (the GCS and the autoscaler monitor often ignore TERM)
+      [ -n "$(running $pids)" ] || break
+      sleep 0.1
+    done
+  done
+  rm -rf "$RAY_TMP" "${LOG:-}"
 }
 trap stop_own_ray EXIT
-"$RAY" start --head --port="$PORT" --dashboard-port="$DASHBOARD" --dashboard-agent-listen-port="$AGENT" \
+env "$MARK" "$RAY" start --head --port="$PORT" --dashboard-port="$DASHBOARD" --dashboard-agent-listen-port="$AGENT" \
   --dashboard-agent-grpc-port="$AGENT_GRPC" --runtime-env-agent-port="$RUNTIME_ENV" \
   --metrics-export-port="$METRICS" --ray-client-server-port="$CLIENT" --temp-dir="$RAY_TMP" \
   ${DEMO_RAY_START_ARGS:-} --disable-usage-stats >/dev/null

@@ -1,5 +1,10 @@
-"""For tests on a `ray.cluster_utils.Cluster`: wait until its head schedules on every node."""
+"""For tests on a `ray.cluster_utils.Cluster`: one cluster of three one-CPU nodes for the session
+(`three_nodes` in conftest.py, served by `python -m tests.cluster` in its own process: this session may
+already hold an in-process Ray), and `settle`, which waits until its head schedules on every node."""
 from __future__ import annotations
+
+import os
+import sys
 
 
 def settle(address: str, timeout: float = 120) -> list[str]:
@@ -21,3 +26,26 @@ def settle(address: str, timeout: float = 120) -> list[str]:
         return nodes
     finally:
         ray.shutdown()
+
+
+def serve(num_nodes: int = 3) -> None:
+    """A head and `num_nodes - 1` added nodes, one CPU each, settled; prints `ADDRESS <gcs address>`
+    and the node ids, then keeps the cluster until stdin closes (the test session's end)."""
+    import json
+
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        for _ in range(num_nodes - 1):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        nodes = settle(cluster.address)
+        print("ADDRESS", cluster.address, json.dumps(nodes), flush=True)
+        os.dup2(2, 1)  # anything printed later goes to the log, not into a pipe nobody reads
+        sys.stdin.read()
+    finally:
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]) if len(sys.argv) > 1 else 3)

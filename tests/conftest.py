@@ -1,4 +1,7 @@
+import contextlib
+import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +22,46 @@ def ray_cluster():
     ray.shutdown()
 
 
+@dataclasses.dataclass
+class ServedCluster:
+    address: str
+    nodes: list[str]  # node ids, the head's first
+    env: dict[str, str]  # for a process that connects: the cluster's token, this checkout on PYTHONPATH
+
+
+@pytest.fixture(scope="session")
+def three_nodes(tmp_path_factory):
+    """One `ray.cluster_utils.Cluster` of three one-CPU nodes for the session's multi-node tests (the
+    converter's --ray tasks, then the three-node job), served by `python -m tests.cluster` in its own
+    process and settled (tests/cluster.py). `Cluster` does not create ~/.ray/auth_token as `ray start`
+    does: the cluster and every process that connects to it share a token of their own."""
+    import json
+    import secrets
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "PYTHONPATH": str(root), "RAY_DEDUP_LOGS": "0"}
+    log = tmp_path_factory.mktemp("three_nodes") / "cluster.log"
+    with open(log, "w") as err:
+        server = subprocess.Popen([sys.executable, "-m", "tests.cluster", "3"], cwd=root, env=env, text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+    try:
+        line = server.stdout.readline()
+        if not line.startswith("ADDRESS "):
+            server.kill()
+            raise RuntimeError(f"the three-node cluster did not start: {line!r} {log.read_text()[-3000:]}")
+        _, address, nodes = line.split(" ", 2)
+        yield ServedCluster(address, json.loads(nodes), env)
+    finally:
+        if server.poll() is None:
+            server.stdin.close()
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
 @pytest.fixture(autouse=True)
 def restore_torch_threads():
     """A test that builds a bank shard in-process sets torch's global thread count; later tests must
@@ -34,8 +77,8 @@ def shard_pool(ray_cluster):
     """BankShard actors kept for the session's tests. A bank from `make_bank` takes free ones and has
     each re-run `BankShard.__init__` with the arguments `MemoryBank.plan` gives its shard (the state
     a new actor starts in; torch's threads back to Ray's one) instead of a new process importing torch
-    (1.5–2.4 s per shard, measured). Fresh banks (the killed-shard tests), banks with their own actor
-    options and tests/test_bank.py's module-scoped banks go through `MemoryBank.create`."""
+    (1.5–2.4 s per shard, measured). Fresh banks (the killed-shard tests) and banks with their own actor
+    options go through `MemoryBank.create`."""
     from bank.shard import BankShard
     ray = ray_cluster
     free, spawn = [], ray.remote(BankShard).options(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -69,9 +112,9 @@ def shard_pool(ray_cluster):
         ray.kill(actor, no_restart=True)
 
 
-@pytest.fixture
-def make_bank(shard_pool):
-    """make_bank(*MemoryBank.create's arguments): a bank on pooled shard actors, given back after the test."""
+@contextlib.contextmanager
+def pooled_banks(shard_pool):
+    """make(*MemoryBank.create's arguments): banks on pooled shard actors, given back on exit."""
     take, give_back = shard_pool
     banks = []
 
@@ -87,6 +130,22 @@ def make_bank(shard_pool):
         banks.append(bank)
         return bank
 
-    yield make
-    for bank in banks:
-        give_back(bank.shards)
+    try:
+        yield make
+    finally:
+        for bank in banks:
+            give_back(bank.shards)
+
+
+@pytest.fixture
+def make_bank(shard_pool):
+    """A test's banks on pooled shard actors (`pooled_banks`), given back after the test."""
+    with pooled_banks(shard_pool) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def make_module_bank(shard_pool):
+    """The same for banks a test module shares, given back after the module."""
+    with pooled_banks(shard_pool) as make:
+        yield make

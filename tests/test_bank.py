@@ -272,29 +272,15 @@ def geometry(bank, query, anchor_ids, members=None):
     return ranked
 
 
-def _shared_bank(shards):
-    banks = []
-
-    def make(*args, **kwargs):
-        banks.append(MemoryBank.create(*args, **kwargs))
-        return banks[-1]
-
-    return clustered_bank(make, shards=shards)[0], banks
-
-
 @pytest.fixture(scope="module")
-def one_shard_bank(ray_cluster):
+def one_shard_bank(make_module_bank):
     """Read-only: the sampling tests only query it."""
-    bank, banks = _shared_bank(1)
-    yield bank
-    banks[0].shutdown()
+    return clustered_bank(make_module_bank, shards=1)[0]
 
 
 @pytest.fixture(scope="module")
-def three_shard_bank(ray_cluster):
-    bank, banks = _shared_bank(3)
-    yield bank
-    banks[0].shutdown()
+def three_shard_bank(make_module_bank):
+    return clustered_bank(make_module_bank, shards=3)[0]
 
 
 def anchors_and_queries(bank, count=8, seed=7):
@@ -486,10 +472,9 @@ def test_save_and_load_round_trip(make_bank, tmp_path, ray_cluster):
 
 
 @pytest.fixture(scope="module")
-def bad_update_bank(ray_cluster):
-    bank, banks = _shared_bank(2)
-    yield bank, bank.get(np.arange(600)).numpy()
-    banks[0].shutdown()
+def bad_update_bank(make_module_bank):
+    bank = clustered_bank(make_module_bank, shards=2)[0]
+    return bank, bank.get(np.arange(600)).numpy()
 
 
 @pytest.mark.parametrize("ids, feats, message", [

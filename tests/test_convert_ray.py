@@ -1,13 +1,12 @@
-"""pipeline.convert --ray: the shard writers as Ray tasks on a two-node cluster write the bytes of a
+"""pipeline.convert --ray: the shard writers as Ray tasks on a three-node cluster write the bytes of a
 local run, resume the same way, and a node that cannot see the source is named in a one-line error.
 
-The cluster (`ray.cluster_utils.Cluster`, a head and one added node with one CPU each) lives in a
-subprocess: this test session may already hold an in-process Ray (`ray_cluster` in conftest.py)."""
+The cluster is the session's `three_nodes` (conftest.py: a head and two added nodes with one CPU each,
+served by another process); the conversions run in a subprocess of their own, a driver of that cluster
+(this session may already hold an in-process Ray, `ray_cluster`)."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -23,17 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = """
 import json, shutil, sys
 from pathlib import Path
-from ray.cluster_utils import Cluster
-from tests.cluster import settle
 import pipeline.convert as convert_module
 from pipeline.convert import ConversionError, convert, main
 
-src, tmp = Path(sys.argv[1]), Path(sys.argv[2])
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-cluster.add_node(num_cpus=1)
-cluster.wait_for_nodes()
-report = {"nodes": [node.node_id for node in cluster.list_all_nodes()]}
-settle(cluster.address)  # the head schedules on both nodes before the conversions start
+src, tmp, address = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+report = {}
 
 
 def error_of_a_run(out, step, then):
@@ -45,62 +38,56 @@ def error_of_a_run(out, step, then):
         return result
     setattr(convert_module, step, step_then)
     try:
-        convert("imagenet22k", src, out, max_count=6, ray_address=cluster.address, log=lambda m: None)
+        convert("imagenet22k", src, out, max_count=6, ray_address=address, log=lambda m: None)
     except ConversionError as exc:
         return str(exc)
     finally:
         setattr(convert_module, step, original)
 
 
+# 1. the command line, as a user runs it
+report["cli_exit"] = main(["imagenet22k", str(src), str(tmp / "ray"), "--max-count", "6", "--ray", address])
+
+# 2. a run killed after five of seven shards: records 2 and 5, their tars and the split files gone
+shutil.copytree(tmp / "ray", tmp / "resumed")
+state = tmp / "resumed" / ".convert"
+for n in (2, 5):
+    (state / f"train-00000{n}.json").unlink()
+    (tmp / "resumed" / f"train-00000{n}.tar").unlink()
+(tmp / "resumed" / "train.json").unlink()
+inodes = {p.name: p.stat().st_ino for p in state.glob("train-0*.json")}
+log = []
+convert("imagenet22k", src, tmp / "resumed", max_count=6, resume=True, ray_address=address,
+        log=log.append)
+report["resume_log"] = log
+report["rewritten"] = sorted(p.name for p in state.glob("train-0*.json") if inodes.get(p.name) != p.stat().st_ino)
+
+# 3. a source the driver listed but the nodes cannot read (storage not shared)
+gone = src / "n01440764.tar"
 try:
-    # 1. the command line, as a user runs it
-    report["cli_exit"] = main(["imagenet22k", str(src), str(tmp / "ray"), "--max-count", "6", "--ray", cluster.address])
-
-    # 2. a run killed after five of seven shards: records 2 and 5, their tars and the split files gone
-    shutil.copytree(tmp / "ray", tmp / "resumed")
-    state = tmp / "resumed" / ".convert"
-    for n in (2, 5):
-        (state / f"train-00000{n}.json").unlink()
-        (tmp / "resumed" / f"train-00000{n}.tar").unlink()
-    (tmp / "resumed" / "train.json").unlink()
-    inodes = {p.name: p.stat().st_ino for p in state.glob("train-0*.json")}
-    log = []
-    convert("imagenet22k", src, tmp / "resumed", max_count=6, resume=True, ray_address=cluster.address,
-            log=log.append)
-    report["resume_log"] = log
-    report["rewritten"] = sorted(p.name for p in state.glob("train-0*.json") if inodes.get(p.name) != p.stat().st_ino)
-
-    # 3. a source the driver listed but the nodes cannot read (storage not shared)
-    gone = src / "n01440764.tar"
-    try:
-        report["missing_error"] = error_of_a_run(tmp / "unshared", "list_source",
-                                                 lambda: gone.rename(gone.with_suffix(".away")))
-    finally:
-        gone.with_suffix(".away").rename(gone)
-
-    # 4. an OUT the nodes do not see: the plan the driver wrote is not there for them
-    report["unshared_out_error"] = error_of_a_run(
-        tmp / "elsewhere", "plan_shards", lambda: (tmp / "elsewhere" / ".convert" / "train-plan.json").unlink())
+    report["missing_error"] = error_of_a_run(tmp / "unshared", "list_source",
+                                             lambda: gone.rename(gone.with_suffix(".away")))
 finally:
-    cluster.shutdown()
+    gone.with_suffix(".away").rename(gone)
+
+# 4. an OUT the nodes do not see: the plan the driver wrote is not there for them
+report["unshared_out_error"] = error_of_a_run(
+    tmp / "elsewhere", "plan_shards", lambda: (tmp / "elsewhere" / ".convert" / "train-plan.json").unlink())
 print("REPORT", json.dumps(report))
 """
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The same 40-image ImageNet-22K source converted locally and on the two-node cluster."""
+def runs(tmp_path_factory, three_nodes):
+    """The same 40-image ImageNet-22K source converted locally and on the three-node cluster."""
     tmp = tmp_path_factory.mktemp("convert_ray")
     datasets.make_imagenet22k(tmp / "src", per_class=8)
     convert("imagenet22k", tmp / "src", tmp / "local", max_count=6, workers=2, log=lambda m: None)  # 7 shards
-    # the cluster's own token (`Cluster` does not create ~/.ray/auth_token as `ray start` does)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
-    result = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(tmp / "src"), str(tmp)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", CLUSTER_SCRIPT, str(tmp / "src"), str(tmp), three_nodes.address],
+                            cwd=ROOT, env=three_nodes.env, capture_output=True, text=True, timeout=300)
     lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]
     assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
-    return tmp, json.loads(lines[0].removeprefix("REPORT "))
+    return tmp, {**json.loads(lines[0].removeprefix("REPORT ")), "nodes": three_nodes.nodes}
 
 
 def output_files(out: Path) -> dict[str, bytes]:
@@ -132,12 +119,12 @@ def test_ray_run_writes_the_bytes_of_the_local_run(runs):
     assert (tmp / "ray/manifest.lmdb/data.mdb").read_bytes() == (tmp / "local/manifest.lmdb/data.mdb").read_bytes()
 
 
-def test_ray_tasks_ran_on_both_nodes(runs):
+def test_ray_tasks_ran_on_every_node(runs):
     tmp, report = runs
     records = [json.loads(p.read_text()) for p in sorted((tmp / "ray" / ".convert").glob("train-0*.json"))]
     assert len(records) == 7
     assert {record["node"]["id"] for record in records} == set(report["nodes"])
-    assert len(set(report["nodes"])) == 2
+    assert len(set(report["nodes"])) == 3
 
 
 def test_ray_resume_writes_only_the_missing_shards_and_the_same_bytes(runs):

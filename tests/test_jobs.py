@@ -1,7 +1,7 @@
 """jobs/: the InterCLR job end to end on Fashion-MNIST shards — `make demo`'s script on its own
-`ray start --head`; three nodes, with a killed Train worker and a resubmitted run name; one-line
-errors for bad input (in-process).
-Each job runs in a subprocess with its own Ray, as a user would."""
+`ray start --head`; three nodes (the session's cluster), with a killed Train worker and a resubmitted
+run name; one-line errors for bad input (in-process).
+Each job runs in a subprocess, a driver of its own as a user's would be."""
 from __future__ import annotations
 
 import json
@@ -36,7 +36,7 @@ def shards(tmp_path_factory):
     return out
 
 
-TOKEN = secrets.token_hex(32)  # the Rays these tests start share it (`Cluster` does not create ~/.ray/auth_token)
+TOKEN = secrets.token_hex(32)  # the demo's Ray head and `ray job submit` share it
 
 
 def env() -> dict:
@@ -134,11 +134,11 @@ def descends(pid: int, ancestor: int) -> bool:
     return False
 
 
-def test_three_nodes_a_killed_train_worker_and_a_resubmitted_run_name(shards, tmp_path):
-    """Nothing assumes one machine, and the faults a user meets are survived there: a
-    `ray.cluster_utils.Cluster` of three nodes with one CPU each runs the job with two Train workers
-    (DDP over gloo) that must land on different nodes, a loader actor each and bank shards spread over
-    the nodes (placement read from the GCS's actor table). A Train worker SIGKILLed mid-run: Ray Train
+def test_three_nodes_a_killed_train_worker_and_a_resubmitted_run_name(shards, tmp_path, three_nodes):
+    """Nothing assumes one machine, and the faults a user meets are survived there: the session's
+    `ray.cluster_utils.Cluster` of three nodes with one CPU each (conftest.py `three_nodes`) runs the
+    job with two Train workers (DDP over gloo) that must land on different nodes, a loader actor each
+    and bank shards spread over the nodes (placement read from the GCS's actor table). A Train worker SIGKILLed mid-run: Ray Train
     restarts the worker group from the last checkpoint, model and bank. Then the run name resubmitted
     with more steps by a new process (`jobs/interclr_imagenet.py --address`): it resumes at the step it
     ended on, nothing repeated, nothing skipped."""
@@ -153,14 +153,9 @@ sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
 import ray
 from ray._private import state
-from ray.cluster_utils import Cluster
 from runtime.config import parse_args
-from tests.cluster import settle
 from runtime.driver import run
-cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
-for _ in range(2):
-    cluster.add_node(num_cpus=1)
-settle(cluster.address)  # the head schedules on all three nodes before the job places its actors
+address = {three_nodes.address!r}
 metrics, report = Path({str(run_dir / "metrics.jsonl")!r}), {{}}
 
 def alive(name):
@@ -177,18 +172,17 @@ def kill_a_worker_after_the_step_10_checkpoint():
 killer = threading.Thread(target=kill_a_worker_after_the_step_10_checkpoint, daemon=True)
 killer.start()
 config, _ = parse_args({common + ["--max-steps", "20"]!r})
-run(config, address=cluster.address)
+run(config, address=address)
 report["nodes"] = len(ray.nodes())
 report["first_steps"] = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in line]
-second = subprocess.run([sys.executable, {str(JOB)!r}, *{common!r}, "--max-steps", "24", "--address", cluster.address],
+second = subprocess.run([sys.executable, {str(JOB)!r}, *{common!r}, "--max-steps", "24", "--address", address],
                         capture_output=True, text=True, timeout=300)
 report["second"] = {{"rc": second.returncode, "output": second.stdout + second.stderr}}
 print("REPORT", json.dumps(report))
 ray.shutdown()
-cluster.shutdown()
 """
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=three_nodes.env, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))[7:])
     # the first run's log: the script's own output without the report (which holds the second's)

@@ -82,13 +82,22 @@ def create_loader_actors(root, recipe, batch_size: int, num_loaders: int = 1, ra
     """Start `num_loaders` loader actors for trainer `rank` of `world_size` (1 CPU each by default;
     `actor_options` e.g. {"num_gpus": 1} with device="gpu", or a node-affinity strategy).
     drop_last / pad_last act on each loader's own final partial batch, as in `build_loader`."""
+    args = loader_actor_args(root, recipe, batch_size, num_loaders, rank, world_size, seed, split, device,
+                             num_threads, drop_last, pad_last)
+    options = {"num_cpus": 1, "max_restarts": -1, "max_task_retries": 0, **(actor_options or {})}
+    remote = ray.remote(LoaderActor).options(**options)
+    return [remote.remote(*a) for a in args]
+
+
+def loader_actor_args(root, recipe, batch_size: int, num_loaders: int = 1, rank: int = 0, world_size: int = 1,
+                      seed: int = 0, split: str = "train", device: str = "cpu", num_threads: int = 1,
+                      drop_last: bool = False, pad_last: bool = False) -> list[tuple]:
+    """The checked request of `create_loader_actors`: each loader actor's `LoaderActor` arguments."""
     if num_loaders < 1:
         raise ValueError(f"num_loaders must be >= 1, got {num_loaders}")
     check_last_batch(drop_last, pad_last)  # here, not first inside every actor
-    options = {"num_cpus": 1, "max_restarts": -1, "max_task_retries": 0, **(actor_options or {})}
-    remote = ray.remote(LoaderActor).options(**options)
-    return [remote.remote(str(root), recipe, batch_size, rank * num_loaders + i, world_size * num_loaders, seed,
-                          split, device, num_threads, drop_last, pad_last) for i in range(num_loaders)]
+    return [(str(root), recipe, batch_size, rank * num_loaders + i, world_size * num_loaders, seed, split, device,
+             num_threads, drop_last, pad_last) for i in range(num_loaders)]
 
 
 class ActorLoader:

@@ -31,6 +31,31 @@ def kill(ray, actors):
 
 
 @pytest.fixture(scope="module")
+def make_loaders(ray_cluster):
+    """make_loaders(*create_loader_actors' arguments): loader actors of a module pool. Each call's
+    actors re-run `LoaderActor.__init__` with `loader_actor_args`' arguments (the state a new actor
+    starts in) instead of a new process importing torch and DALI (~2 s per group, measured); they
+    reserve no CPU and are not restarted. Actors that must restart from their creation arguments (the
+    killed-loader test) come from `create_loader_actors`."""
+    from pipeline.actors import LoaderActor, loader_actor_args
+    pool = []
+    spawn = ray_cluster.remote(LoaderActor).options(num_cpus=0, max_restarts=0)
+
+    def reinit(actor, *args):
+        actor.__init__(*args)
+
+    def make(*args, **kwargs) -> list:
+        requests = loader_actor_args(*args, **kwargs)
+        while len(pool) < len(requests):
+            pool.append(spawn.remote(*requests[len(pool)]))
+        ray_cluster.get([a.__ray_call__.remote(reinit, *r) for a, r in zip(pool, requests)])
+        return pool[:len(requests)]
+
+    yield make
+    kill(ray_cluster, pool)
+
+
+@pytest.fixture(scope="module")
 def two_loaders(ray_cluster, shards):
     """Two loader actors (batch 4, seed 0) for the tests below: each reads whole epochs from them
     (the killed-loader test, last, leaves a restarted actor that serves like the others). They reserve
@@ -62,30 +87,24 @@ def test_a_resumed_epoch_skips_inside_the_loaders_and_continues_the_same_order(t
         assert resumed.transferred == len(full) - skip, skip
 
 
-def test_drop_last_and_pad_last_act_on_each_loader_actor(ray_cluster, shards):
+def test_drop_last_and_pad_last_act_on_each_loader_actor(make_loaders, shards):
     for option, batches_per_loader in (("drop_last", 6), ("pad_last", 7)):  # 25 samples per loader, B=4
-        actors = create_loader_actors(shards, RECIPE, batch_size=4, num_loaders=2, seed=0, **{option: True})
-        try:
-            loader = ActorLoader(actors)
-            batches = list(loader.epoch(0))
-            assert len(batches) == len(loader) == 2 * batches_per_loader
-            assert all(len(b["index"]) == 4 and b["views"][0].shape[0] == 4 for b in batches)
-            ids = torch.cat([b["index"] for b in batches]).tolist()
-            assert len(set(ids)) == (48 if option == "drop_last" else 50)
-        finally:
-            kill(ray_cluster, actors)
+        actors = make_loaders(shards, RECIPE, batch_size=4, num_loaders=2, seed=0, **{option: True})
+        loader = ActorLoader(actors)
+        batches = list(loader.epoch(0))
+        assert len(batches) == len(loader) == 2 * batches_per_loader
+        assert all(len(b["index"]) == 4 and b["views"][0].shape[0] == 4 for b in batches)
+        ids = torch.cat([b["index"] for b in batches]).tolist()
+        assert len(set(ids)) == (48 if option == "drop_last" else 50)
     with pytest.raises(LoaderError, match="exclusive"):
         create_loader_actors(shards, RECIPE, batch_size=4, drop_last=True, pad_last=True)
 
 
-def test_loaders_of_two_trainers_split_the_epoch(ray_cluster, shards):
+def test_loaders_of_two_trainers_split_the_epoch(make_loaders, shards):
     seen = []
     for rank in range(2):
-        actors = create_loader_actors(shards, RECIPE, batch_size=8, num_loaders=1, rank=rank, world_size=2)
-        try:
-            seen.append(torch.cat([b["index"] for b in ActorLoader(actors).epoch(0)]).tolist())
-        finally:
-            kill(ray_cluster, actors)
+        actors = make_loaders(shards, RECIPE, batch_size=8, num_loaders=1, rank=rank, world_size=2)
+        seen.append(torch.cat([b["index"] for b in ActorLoader(actors).epoch(0)]).tolist())
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(50))
 
 
@@ -108,25 +127,20 @@ def test_a_killed_loader_is_restarted_and_nothing_is_lost_or_duplicated(ray_clus
     assert loader.replayed > 0  # the restarted loader recomputed what it had delivered
 
 
-def test_loader_actors_skip_an_undecodable_sample_and_report_it(ray_cluster, shards, tmp_path):
+def test_loader_actors_skip_an_undecodable_sample_and_report_it(make_loaders, shards, tmp_path):
     from tests.test_loader import corrupt_one_sample
     root, bad_id = corrupt_one_sample(shards, tmp_path)
-    actors = create_loader_actors(root, RECIPE, batch_size=4, num_loaders=2, seed=0,
-                                  actor_options={"num_cpus": 0})
-    try:
-        loader = ActorLoader(actors, prefetch=2)
-        for epoch in range(2):  # the epoch that finds it, and one that starts without it
-            ids = torch.cat([b["index"] for b in loader.epoch(epoch)]).tolist()
-            assert set(ids) == set(range(50)) - {bad_id} and len(ids) == 50  # one row repeated
-        assert list(loader.skipped()) == [bad_id]
-    finally:
-        kill(ray_cluster, actors)
+    loader = ActorLoader(make_loaders(root, RECIPE, batch_size=4, num_loaders=2, seed=0), prefetch=2)
+    for epoch in range(2):  # the epoch that finds it, and one that starts without it
+        ids = torch.cat([b["index"] for b in loader.epoch(epoch)]).tolist()
+        assert set(ids) == set(range(50)) - {bad_id} and len(ids) == 50  # one row repeated
+    assert list(loader.skipped()) == [bad_id]
 
 
 HALF_LEVEL = 0.5 / (0.224 * 255) + 1e-5
 
 
-def test_rgb_views_cross_the_object_store_as_uint8_and_match_the_in_process_loader(ray_cluster, shards):
+def test_rgb_views_cross_the_object_store_as_uint8_and_match_the_in_process_loader(make_loaders, shards):
     """The actor ships uint8 (a quarter of the bytes); the trainer's normalisation gives the float
     views the in-process graph computes for the same seed (seed·7919 + epoch) and shard, up to the
     one rounding to uint8 (half a grey level: 0.5 / (0.224·255) after normalisation)."""
@@ -140,14 +154,10 @@ def test_rgb_views_cross_the_object_store_as_uint8_and_match_the_in_process_load
     assert shipped["index"].tolist() == reference["index"].tolist()
     for raw, expected in zip(shipped["views"], reference["views"]):
         torch.testing.assert_close(normalize(torch.from_numpy(raw)), expected, atol=HALF_LEVEL, rtol=0)
-    actors = create_loader_actors(shards, RECIPE, 8, num_loaders=1, rank=1, world_size=2, seed=3,
-                                  actor_options={"num_cpus": 0})
-    try:  # the trainer-side iterator delivers those float views
-        delivered = next(ActorLoader(actors).epoch(0))
-        for view, expected in zip(delivered["views"], reference["views"]):
-            torch.testing.assert_close(view, expected, atol=HALF_LEVEL, rtol=0)
-    finally:
-        kill(ray_cluster, actors)
+    actors = make_loaders(shards, RECIPE, 8, num_loaders=1, rank=1, world_size=2, seed=3)
+    delivered = next(ActorLoader(actors).epoch(0))  # the trainer-side iterator delivers those float views
+    for view, expected in zip(delivered["views"], reference["views"]):
+        torch.testing.assert_close(view, expected, atol=HALF_LEVEL, rtol=0)
     lab = LoaderActor(str(shards), Recipe("lab", (ViewSpec(32),), colorspace="lab"), 8, 0, 1, seed=0)
     lab.start_epoch(0)
     assert lab.next_batch()["views"][0].dtype == np.float32  # colour-space views stay float

@@ -1,6 +1,8 @@
-"""Backbones: torchvision ResNets with a width multiplier and a small-image stem, CMC's split
-encoders (one encoder per channel group, 002_*.txt Sect. 3.1 / 4.1) and CMC's small AlexNet
-(Table 10). Every encoder maps images [B, C, H, W] to a representation [B, dim] (after global
+"""Backbones: torchvision's ResNets (the same modules and parameter names, so a width-1 backbone's
+state_dict loads into `torchvision.models.resnetNN()`; written out here so that no process that builds a
+model imports torchvision, ~1.3 s per Train worker and driver) with a width multiplier and a small-image
+stem, CMC's split encoders (one encoder per channel group, 002_*.txt Sect. 3.1 / 4.1) and CMC's small
+AlexNet (Table 10). Every encoder maps images [B, C, H, W] to a representation [B, dim] (after global
 pooling) and exposes `dim`."""
 from __future__ import annotations
 
@@ -8,13 +10,67 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """torchvision.models.resnet.BasicBlock (groups 1, dilation 1): two 3×3 convs and the shortcut."""
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """torchvision.models.resnet.Bottleneck (ResNet v1.5: the stride on the 3×3 conv; groups 1,
+    base width 64): 1×1 reduce, 3×3, 1×1 expand ×4, and the shortcut."""
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
 
 BLOCKS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]), 50: (Bottleneck, [3, 4, 6, 3]),
           101: (Bottleneck, [3, 4, 23, 3])}
 
 
-class ResNetEncoder(ResNet):
+class ResNetEncoder(nn.Module):
     """torchvision's ResNet with every stage's width scaled by `width` (ResNet-50 ×2 of CMC and
     InterCLR's tables), `in_channels` input planes, and `small_images=True` for 28–96 px data
     (3×3 stride-1 conv1 and no max-pool, as CIFAR / STL ResNets do). No fc: the output is the
@@ -25,9 +81,8 @@ class ResNetEncoder(ResNet):
             raise ValueError(f"ResNet depth must be one of {sorted(BLOCKS)}, got {depth}")
         if width <= 0:
             raise ValueError(f"width multiplier must be positive, got {width}")
+        super().__init__()
         block, layers = BLOCKS[depth]
-        nn.Module.__init__(self)  # ResNet.__init__ hard-codes 64 planes; build the same modules scaled
-        self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
         planes = [max(1, round(p * width)) for p in (64, 128, 256, 512)]
         self.inplanes = planes[0]
         if small_images:
@@ -51,6 +106,22 @@ class ResNetEncoder(ResNet):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        """torchvision's ResNet._make_layer: a projection shortcut where the shape changes."""
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def resnet(depth: int = 50, width: float = 1.0, small_images: bool = False, in_channels: int = 3) -> ResNetEncoder:

@@ -36,10 +36,20 @@ def batch_of(num_views: int, size: int = 16, batch: int = 8, channels: int = 3, 
 
 @pytest.mark.parametrize("depth,reference", [(18, torchvision.models.resnet18), (50, torchvision.models.resnet50)])
 def test_resnet_matches_torchvision_without_fc(depth, reference):
+    """Our ResNet (written out: no torchvision import) is torchvision's: the same parameters and
+    buffers by name and shape, and with torchvision's weights loaded strictly the same features as
+    torchvision's output before fc, in train and in eval mode."""
     ours, theirs = resnet(depth), reference()
     assert count(ours) == count(theirs) - count(theirs.fc)
     assert ours.dim == theirs.fc.in_features
-    assert ours(torch.randn(2, 3, 64, 64)).shape == (2, ours.dim)
+    theirs_state = {k: v for k, v in theirs.state_dict().items() if not k.startswith("fc.")}
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in theirs_state.items()]
+    ours.load_state_dict(theirs_state, strict=True)
+    theirs.fc = torch.nn.Identity()
+    x = torch.randn(2, 3, 64, 64)
+    for mode in (True, False):
+        ours.train(mode), theirs.train(mode)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
 
 
 def test_resnet50_has_about_23_5m_parameters():

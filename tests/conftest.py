@@ -62,23 +62,32 @@ def three_nodes():
     process and settled (tests/cluster.py). `Cluster` does not create ~/.ray/auth_token as `ray start`
     does: the cluster and every process that connects to it share a token of their own."""
     import json
-    import subprocess
     server = _start_cluster_server()
     process, log = server["process"], server["log"]
     try:
         line = process.stdout.readline()
         if not line.startswith("ADDRESS "):
-            process.kill()
             raise RuntimeError(f"the three-node cluster did not start: {line!r} {log.read_text()[-3000:]}")
         _, address, nodes = line.split(" ", 2)
         yield ServedCluster(address, json.loads(nodes), server["env"])
     finally:
-        if process.poll() is None:
-            process.stdin.close()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        _stop_cluster_server()
+
+
+def pytest_sessionfinish(session):
+    _stop_cluster_server()  # started at collection, but its fixture never ran (the session stopped early)
+
+
+def _stop_cluster_server():
+    import subprocess
+    process, log = _CLUSTER_SERVER.get("process"), _CLUSTER_SERVER.get("log")
+    if process is not None and process.poll() is None:
+        process.stdin.close()  # the server shuts the cluster down
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    if log is not None:
         log.unlink(missing_ok=True)
 
 

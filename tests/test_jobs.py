@@ -106,8 +106,8 @@ def test_make_demo_script_trains_evaluates_and_stops_only_its_own_ray(shards, tm
     assert summary["feature_std"] > 0.01  # not collapsed
     assert ray_cluster.get(ray_cluster.remote(lambda: 41 + 1).remote(), timeout=60) == 42  # the other Ray
     # its own Ray is gone, all of it: no process with Ray in its command line (the retitled ones read
-    # "ray::...") started during the demo and outside this test process's tree (this session's Ray) is left;
-    # the dashboard agent once outlived the head and spun a core through the later tests
+    # "ray::...") that started during the demo outside this test process's tree (this session's Ray) is
+    # left; the dashboard agent once outlived the head and spun a core through the later tests
     left = {pid: cmdline for pid, (start, _, cmdline) in processes().items()
             if (pid, start) not in before and b"ray" in cmdline and not descends(pid, os.getpid())}
     assert left == {}, left
@@ -138,10 +138,10 @@ def test_three_nodes_a_killed_train_worker_and_a_resubmitted_run_name(shards, tm
     """Nothing assumes one machine, and the faults a user meets are survived there: the session's
     `ray.cluster_utils.Cluster` of three nodes with one CPU each (conftest.py `three_nodes`) runs the
     job with two Train workers (DDP over gloo) that must land on different nodes, a loader actor each
-    and bank shards spread over the nodes (placement read from the GCS's actor table). A Train worker SIGKILLed mid-run: Ray Train
-    restarts the worker group from the last checkpoint, model and bank. Then the run name resubmitted
-    with more steps by a new process (`jobs/interclr_imagenet.py --address`): it resumes at the step it
-    ended on, nothing repeated, nothing skipped."""
+    and bank shards spread over the nodes (placement read from the GCS's actor table). A Train worker
+    SIGKILLed mid-run: Ray Train restarts the worker group from the last checkpoint, model and bank.
+    Then the run name resubmitted with more steps by a new process (`jobs/interclr_imagenet.py
+    --address`): it resumes at the step it ended on, nothing repeated, nothing skipped."""
     run_dir = tmp_path / "nodes"
     common = [*SMALL, *LIGHT_EVAL, "--shards", str(shards), "--storage", str(tmp_path), "--name", "nodes",
               "--workers", "2", "--set", "train.cpus_per_worker=1", "--set", "data.loader_cpus=0.25",

@@ -5,6 +5,17 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def token_env(token: str) -> dict[str, str]:
+    """The environment of a process that starts or joins a test's Ray with token authentication:
+    `token` (ray.cluster_utils.Cluster does not create ~/.ray/auth_token as `ray start` does), this
+    checkout on PYTHONPATH, every worker's log lines in full."""
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PYTHONPATH": str(ROOT),
+            "RAY_DEDUP_LOGS": "0"}
 
 
 def settle(address: str, timeout: float = 120) -> list[str]:

@@ -45,11 +45,10 @@ def _start_cluster_server():
     import sys
     import tempfile
     if not _CLUSTER_SERVER:
-        root = Path(__file__).resolve().parents[1]
-        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-               "PYTHONPATH": str(root), "RAY_DEDUP_LOGS": "0"}
+        from tests.cluster import ROOT, token_env
+        env = token_env(secrets.token_hex(32))
         log = tempfile.NamedTemporaryFile("w+", prefix="three_nodes-", suffix=".log", delete=False)
-        process = subprocess.Popen([sys.executable, "-m", "tests.cluster", "3"], cwd=root, env=env, text=True,
+        process = subprocess.Popen([sys.executable, "-m", "tests.cluster", "3"], cwd=ROOT, env=env, text=True,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
         _CLUSTER_SERVER.update(process=process, env=env, log=Path(log.name))
     return _CLUSTER_SERVER

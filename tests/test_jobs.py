@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.convert import convert
 from tests import datasets
+from tests.cluster import token_env
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "interclr_imagenet.py"
@@ -40,8 +41,7 @@ TOKEN = secrets.token_hex(32)  # the demo's Ray head and `ray job submit` share 
 
 
 def env() -> dict:
-    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "PYTHONPATH": str(ROOT),
-            "RAY_DEDUP_LOGS": "0"}
+    return token_env(TOKEN)
 
 
 def run_job(*args, timeout=420) -> subprocess.CompletedProcess:
@@ -108,8 +108,9 @@ def test_make_demo_script_trains_evaluates_and_stops_only_its_own_ray(shards, tm
     # its own Ray is gone, all of it: no process with Ray in its command line (the retitled ones read
     # "ray::...") that started during the demo outside this test process's tree (this session's Ray) is
     # left; the dashboard agent once outlived the head and spun a core through the later tests
-    left = {pid: cmdline for pid, (start, _, cmdline) in processes().items()
-            if (pid, start) not in before and b"ray" in cmdline and not descends(pid, os.getpid())}
+    table = processes()
+    left = {pid: cmdline for pid, (start, _, cmdline) in table.items()
+            if (pid, start) not in before and b"ray" in cmdline and not descends(pid, os.getpid(), table)}
     assert left == {}, left
 
 
@@ -125,8 +126,8 @@ def processes() -> dict[int, tuple[int, int, bytes]]:
     return found
 
 
-def descends(pid: int, ancestor: int) -> bool:
-    table = processes()
+def descends(pid: int, ancestor: int, table: dict[int, tuple[int, int, bytes]]) -> bool:
+    """Whether `ancestor` is `pid` or above it in `table` (`processes()`)."""
     while pid in table and pid > 1:
         if pid == ancestor:
             return True

@@ -484,8 +484,10 @@ class MemoryBank:
             shares = self._shares(ids, anchors["labels"], anchors["cluster_counts"], inter_negatives, strategy,
                                   pool_fraction, rng)
             requests.append(("inter", shares, anchors["labels"], strategy, True))
-        q = torch.nn.functional.normalize(query, dim=1)
-        q_np = q.detach().float().cpu().numpy()
+        # float32 at the bank's boundary: under autocast the query arrives in bf16 / fp16, and the folded
+        # negative (τ·logsumexp) must not round to half precision
+        q = torch.nn.functional.normalize(query.float(), dim=1)
+        q_np = q.detach().cpu().numpy()
         calls = [(s, "score", (q_np, ids, [
             {"anchor_labels": labels, "shares": shares[s], "strategy": strat, "pool_fraction": pool_fraction,
              "want_positive": positive} for _, shares, labels, strat, positive in requests], temperature, seed),

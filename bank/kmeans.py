@@ -37,6 +37,18 @@ def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor,
     return labels, distances
 
 
+def seed_centroids(points: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """k distinct rows of `points` drawn uniformly as the initial centroids, on the points' device:
+    faiss's seeding (faiss/Clustering.cpp `Clustering::train_encoded`, a random permutation of the
+    training points), which mmselfsup's InterCLR k-means runs through. O(k) work, against k-means++'s
+    k passes over the sample."""
+    if not 0 < k <= points.shape[0]:
+        raise ValueError(f"cannot seed {k} centroids from {points.shape[0]} points")
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(points.shape[0], generator=g)[:k].to(points.device)
+    return points[rows].float().clone()
+
+
 def kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding (Arthur & Vassilvitskii) on `points` [n, D]: each next centre drawn with
     probability ∝ squared distance to the nearest chosen one."""

@@ -1,10 +1,42 @@
-"""Argument checks and the normalisation every cosine-similarity loss shares."""
+"""Argument checks, the normalisation every cosine-similarity loss shares, and `float32`."""
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 EPS = 1e-8  # zero vectors normalise to zero with finite gradients
+
+
+def _as_float32(value):
+    if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+        return value.float()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_float32(v) for v in value)
+    return value
+
+
+def _device_type(values) -> str:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+        if isinstance(value, (list, tuple)) and value:
+            return _device_type(value)
+    return "cpu"
+
+
+def float32(loss):
+    """Mixed precision's boundary for a loss: its half-precision tensor arguments (and lists of them)
+    cast to float32 and autocast off inside, so log-softmax / logsumexp and the similarity matmuls
+    behind them run in float32 whatever precision the encoder ran in (solo-learn via Lightning,
+    NVIDIA's AMP guidance: reductions and softmax in fp32). Gradients flow back through the casts."""
+    @functools.wraps(loss)
+    def wrapper(*args, **kwargs):
+        device_type = _device_type([*args, *kwargs.values()])
+        with torch.autocast(device_type=device_type, enabled=False):
+            return loss(*_as_float32(args), **{k: _as_float32(v) for k, v in kwargs.items()})
+    return wrapper
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -5,13 +5,14 @@ import math
 
 import torch
 
-from losses._common import check_pair, check_temperature, normalize
+from losses._common import check_pair, check_temperature, float32, normalize
 
 
 def _log_mean_exp(x: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(x, dim=0) - math.log(x.numel())
 
 
+@float32
 def align_uniform_loss(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0, t: float = 2.0,
                        align_weight: float = 1.0, uniform_weight: float = 1.0) -> torch.Tensor:
     """AU-CL (Wang & Isola, 2020): align_weight · mean_i ‖x_i - y_i‖^α
@@ -33,6 +34,7 @@ def align_uniform_loss(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0, t: 
     return align_weight * align + uniform_weight * (uniformity(x) + uniformity(y)) / 2
 
 
+@float32
 def hard_negative_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, tau_plus: float = 0.1,
                        beta: float = 1.0) -> torch.Tensor:
     """HN-CL (Robinson et al., 2021) on the SimCLR batch: 2N anchors, 2N-2 negatives each.

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from losses._common import check_pair, normalize
+from losses._common import check_pair, float32, normalize
 
 
+@float32
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """2 - 2·cos(p, z), averaged over the batch. p: [B, D] online predictions; z: [B, D] target
     projections. The stop-gradient on the target is the caller's job: pass `z.detach()` (or

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from losses._common import check_negatives, check_temperature, normalize
+from losses._common import check_negatives, check_temperature, float32, normalize
 
 
 def _squared_distances(query: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
@@ -41,6 +41,7 @@ def _repulsion(cost_neg: torch.Tensor, t_neg: float, cost_for_weights: torch.Ten
     return -(weights * cost_neg).sum(dim=1).mean()
 
 
+@float32
 def cacr_loss(query: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
               t_pos: float = 1.0, t_neg: float = 2.0, detach_weights: bool = False, intra_batch: bool = False,
               detach_negative_weights: bool = False) -> torch.Tensor:
@@ -76,6 +77,7 @@ def cacr_loss(query: torch.Tensor, positives: torch.Tensor, negatives: torch.Ten
     return attraction + _repulsion(cost_neg, t_neg, cost_for_weights)
 
 
+@float32
 def cacr_multiview_loss(views: list[torch.Tensor], t_pos: float = 1.0, t_neg: float = 2.0) -> torch.Tensor:
     """Mini-batch CACR (Sect. 3.2, Eq. 5) with K+1 views of M samples, each [M, D].
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from losses._common import check_negatives, check_temperature, normalize, similarities_to_negatives
+from losses._common import check_negatives, check_temperature, float32, normalize, similarities_to_negatives
 
 
 def _contrast(anchor: torch.Tensor, other: torch.Tensor, other_negatives: torch.Tensor | None,
@@ -19,6 +19,7 @@ def _contrast(anchor: torch.Tensor, other: torch.Tensor, other_negatives: torch.
     return -F.log_softmax(logits, dim=1)[:, 0].mean()
 
 
+@float32
 def cmc_loss(views: list[torch.Tensor], temperature: float = 0.07, paradigm: str = "core",
              negatives: list[torch.Tensor] | None = None) -> torch.Tensor:
     """CMC loss over M ≥ 2 views, each [B, D] (cosine critic, Eq. 3).

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from losses._common import (check_negatives, check_pair, check_temperature, normalize,
-                            similarities_to_negatives)
+from losses._common import (check_negatives, check_pair, check_temperature, float32,
+                            normalize, similarities_to_negatives)
 
 
+@float32
 def info_nce_from_logits(pos_logit: torch.Tensor, neg_logits: torch.Tensor, temperature: float = 0.07,
                          margin: float = 0.0) -> torch.Tensor:
     """InfoNCE (InterCLR Eq. 1) / MarginNCE (Eq. 6) from precomputed cosine similarities.
@@ -28,6 +29,7 @@ def info_nce_from_logits(pos_logit: torch.Tensor, neg_logits: torch.Tensor, temp
     return -F.log_softmax(logits, dim=1)[:, 0].mean()
 
 
+@float32
 def info_nce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
              temperature: float = 0.07, margin: float = 0.0) -> torch.Tensor:
     """InfoNCE (InterCLR Eq. 1) and, with `margin`, MarginNCE (Eq. 6) on embeddings.
@@ -42,6 +44,7 @@ def info_nce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tenso
     return info_nce_from_logits(pos, similarities_to_negatives(query, negatives), temperature, margin)
 
 
+@float32
 def interclr_loss(intra: torch.Tensor, inter: torch.Tensor, weight: float = 0.75) -> torch.Tensor:
     """InterCLR Eq. 7: λ·L_intra + (1-λ)·L_inter (λ = 0.75 in the paper; λ = 1 is NPID)."""
     if not 0.0 <= weight <= 1.0:
@@ -49,6 +52,7 @@ def interclr_loss(intra: torch.Tensor, inter: torch.Tensor, weight: float = 0.75
     return weight * intra + (1.0 - weight) * inter
 
 
+@float32
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """SimCLR NT-Xent. z1, z2: [N, D], two views of N samples. Each of the 2N embeddings has its
     other view as positive and the remaining 2N-2 as negatives; the loss is averaged over all 2N
@@ -56,6 +60,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     return nt_xent_global(z1, z2, z1, z2, offset=0, temperature=temperature)
 
 
+@float32
 def nt_xent_global(z1: torch.Tensor, z2: torch.Tensor, all_z1: torch.Tensor, all_z2: torch.Tensor,
                    offset: int, temperature: float = 0.5) -> torch.Tensor:
     """NT-Xent of one worker's anchors against the global batch (SimCLR's `add_contrastive_loss`
@@ -87,6 +92,7 @@ def nt_xent_global(z1: torch.Tensor, z2: torch.Tensor, all_z1: torch.Tensor, all
     return F.cross_entropy(logits.masked_fill(is_itself, float("-inf")), partner)
 
 
+@float32
 def patch_nce(feat_q: torch.Tensor, feat_k: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     """CUT's PatchNCE (001_*.txt): feat_q, feat_k [B, P, D] features of P patch locations in the
     output and input images. Each query patch's positive is the key patch at the same location;

@@ -4,7 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from losses._common import float32
 
+
+@float32
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """mean_b -Σ_c targets[b, c]·log_softmax(logits)[b, c]. logits, targets: [B, C]; each target
     row is a distribution (ImCLR: the mean of the one-hot labels of the concatenated images)."""

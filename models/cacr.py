@@ -67,5 +67,5 @@ class CACR(QueryKeyEncoders, Method):
             loss = loss + cacr_loss(q, positives, negatives, self.t_pos, self.t_neg, detach_weights=True,
                                     intra_batch=self.intra_batch, detach_negative_weights=self.detach_weights)
         loss = loss / len(queries)
-        self.queue.push(keys[:, -1])
+        self.push_after_step(self.queue, keys[:, -1])
         return {"loss": loss, "cacr": loss.detach()}

@@ -89,7 +89,7 @@ class InterCLR(Method):
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
         self.base.after_optimizer_step(progress)
-        self.flush_bank_writes()
+        self.apply_step_effects()
 
     def inter_active(self, epoch: int) -> bool:
         return epoch >= self.warmup_epochs

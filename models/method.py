@@ -5,8 +5,9 @@ A method is an `nn.Module` with
     bank_requests()              the memory banks it needs (dim, momentum ω, pseudo-labels or not);
                                  the driver creates them and hands the clients to `attach_banks`
     training_step(batch, progress, epoch) -> dict   "loss" (to backpropagate) and per-branch values
-    after_optimizer_step(progress)                   EMA updates of its `momentum_pairs`, then the bank
-                                                     updates its step queued (`write_bank_after_step`)
+    after_optimizer_step(progress)                   EMA updates of its `momentum_pairs`, then the side
+                                                     effects its step queued (`after_step`: bank writes,
+                                                     queue pushes); `discard_step()` drops them instead
     backbone                     the encoder whose pooled output is the representation (kNN, linear eval)
     bank_features(batch)         what to write into its banks before the first step (no grad)
     intra_step(batch, bank, inter)   InterCLR bases only: the base's loss, anchors and bank update
@@ -16,7 +17,9 @@ A method is an `nn.Module` with
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -97,17 +100,34 @@ class Method(nn.Module):
     def after_optimizer_step(self, progress: float) -> None:
         for online, target in self.momentum_pairs:
             ema_update(getattr(self, online), getattr(self, target), self.decay(progress))
-        self.flush_bank_writes()
+        self.apply_step_effects()
+
+    def after_step(self, effect: Callable[[], None]) -> None:
+        """Queue a side effect of this step (a bank write, a queue push) for `after_optimizer_step`: a
+        step whose backward or optimiser step fails, or that mixed precision skips (non-finite fp16
+        gradients, runtime.step), leaves banks and queues as they were."""
+        self.__dict__.setdefault("_step_effects", []).append(effect)
+
+    def apply_step_effects(self) -> None:
+        for effect in self.__dict__.pop("_step_effects", []):
+            effect()
+
+    def discard_step(self) -> None:
+        """Forget the queued side effects of this step, of this method and of the methods it is built
+        on (InterCLR's base): the step is skipped whole."""
+        for module in self.modules():
+            module.__dict__.pop("_step_effects", None)
 
     def write_bank_after_step(self, bank, ids, feats: torch.Tensor) -> None:
-        """Queue a bank update (Eq. 2) for `after_optimizer_step`: a step whose backward or optimiser
-        step fails leaves the bank as it was, and the trainer does not wait for the shards
-        (`MemoryBank.update(block=False)`; its next query completes the update)."""
-        self.__dict__.setdefault("_bank_writes", []).append((bank, ids, feats.detach()))
+        """Queue a bank update (Eq. 2) for after the optimiser step (`after_step`); the trainer does
+        not wait for the shards (`MemoryBank.update(block=False)`; its next query completes it)."""
+        self.after_step(partial(bank.update, ids, feats.detach(), block=False))
 
-    def flush_bank_writes(self) -> None:
-        for bank, ids, feats in self.__dict__.pop("_bank_writes", []):
-            bank.update(ids, feats, block=False)
+    def push_after_step(self, queue, keys: torch.Tensor) -> None:
+        """Enqueue `keys` after the optimiser step. Gathered from every worker now (a collective every
+        rank runs in its forward); the loss of this step used the queue before the push, as in
+        facebookresearch/moco `builder.py` (logits, then `_dequeue_and_enqueue`)."""
+        self.after_step(partial(queue.enqueue, queue.gather(keys)))
 
     @torch.no_grad()
     def prime(self, batch: dict) -> None:

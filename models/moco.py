@@ -14,7 +14,6 @@ from models.method import InterQuery, IntraStep, Method
 from models.momentum import BN_SPLITS, MoCoQueue, QueryKeyEncoders, momentum_copy
 
 
-
 class MoCo(QueryKeyEncoders, Method):
     recipe = "two_crop"
     momentum_pairs = (("backbone", "key_backbone"), ("head", "key_head"))
@@ -63,8 +62,8 @@ class MoCo(QueryKeyEncoders, Method):
         if self.symmetric:
             q2, k1 = self.query(x2), self.keys(x1)
             loss = (loss + self.contrast(q2, k1, margin)) / 2
-            self.queue.push(k1)
-        self.queue.push(k2)
+            self.push_after_step(self.queue, k1)
+        self.push_after_step(self.queue, k2)
         return IntraStep(loss, [q1], k2)
 
     @torch.no_grad()

@@ -142,11 +142,20 @@ class MoCoQueue(nn.Module):
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def push(self, keys: torch.Tensor) -> None:
-        keys = gather_across_workers(F.normalize(keys.detach(), dim=1))
+    def gather(self, keys: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised keys of every worker, in the queue's dtype (float32 under autocast)."""
+        return gather_across_workers(F.normalize(keys.detach().to(self.keys.dtype), dim=1))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write gathered keys at the pointer (FIFO, wrapping)."""
         size = self.keys.shape[0]
         if keys.shape[0] > size:
             keys = keys[-size:]
         positions = (self.pointer + torch.arange(keys.shape[0], device=keys.device)) % size
-        self.keys[positions] = keys.to(self.keys.dtype)
+        self.keys[positions] = keys
         self.pointer.copy_((self.pointer + keys.shape[0]) % size)
+
+    @torch.no_grad()
+    def push(self, keys: torch.Tensor) -> None:
+        self.enqueue(self.gather(keys))

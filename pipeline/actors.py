@@ -9,11 +9,14 @@ RGB views cross the object store as uint8 (a quarter of float32's bytes) and are
 the trainer's device (`pipeline.views.normalize`, the graph's own arithmetic; the rounding to uint8
 is the only difference from in-process views, at most half a grey level); colour-space views are
 float.
-Loader i of trainer r reads DALI shard r·L + i of w·L, so every sample appears once per epoch
-per trainer group, and loaders scale by count (CPU-only nodes can feed GPU trainers). Each actor
-builds its epoch's pipeline from (seed, epoch), so an epoch is a deterministic sequence of batches:
-when a loader dies, it is restarted (max_restarts), replays the epoch and skips the batches the
-trainer already received — no sample lost, none duplicated; the replay is counted in `replayed`.
+Loader i of trainer r serves stream r·L + i of w·L of the epoch's order (`pipeline.loader.epoch_order`:
+one seeded permutation per (seed, epoch), a fresh partition every epoch), so every sample appears
+once per epoch across all loaders, and loaders scale by count (CPU-only nodes can feed GPU
+trainers). An epoch is a deterministic sequence of batches (ids, labels, order): when a loader
+dies, it is restarted (max_restarts) and reopens the epoch after the batches the trainer already
+received, which are left out of its index, not decoded — no sample lost, none duplicated; the
+batches it had delivered are counted in `replayed`. On a CUDA trainer the views are copied from
+pinned memory (`pipeline.loader.host_to_device`).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import numpy as np
 import ray
 import torch
 
-from pipeline.loader import build_loader, check_last_batch
+from pipeline.loader import build_loader, check_last_batch, host_to_device
 from pipeline.views import normalize, recipe_by_name
 
 
@@ -48,15 +51,15 @@ class LoaderActor:
         self.seed = seed
         self._batches, self._loader = None, None
 
-    def start_epoch(self, epoch: int, skip: int = 0) -> int:
-        """Build this epoch's pipeline, drop the first `skip` batches; return the epoch length."""
-        loader = self._loader = build_loader(seed=self.seed * 7_919 + epoch, **self.args)
-        if skip > len(loader):
-            raise ValueError(f"cannot skip {skip} batches of an epoch of {len(loader)}")
-        self._batches = iter(loader)
-        for _ in range(skip):  # decoded here and dropped: nothing crosses the object store
-            next(self._batches)
-        return len(loader)
+    def start_epoch(self, epoch: int, skip: int = 0, undecodable: dict | None = None) -> int:
+        """Build this epoch's pipeline from batch `skip` on (the earlier batches' samples are left out
+        of its index, never decoded), without the `undecodable` samples other loaders found; return
+        the epoch length."""
+        if self._loader is None:
+            self._loader = build_loader(seed=self.seed, **self.args)
+        self._loader.add_undecodable(undecodable or {})
+        self._batches = self._loader.epoch(epoch, skip=skip)
+        return len(self._loader)
 
     def next_batch(self) -> dict | None:
         if self._batches is None:
@@ -74,17 +77,23 @@ class LoaderActor:
         """Undecodable samples this actor's loader left out ({id: reason}; see pipeline.loader)."""
         return dict(self._loader.skipped) if self._loader is not None else {}
 
+    def undecodable(self) -> dict[int, tuple[int, str]]:
+        """The same by split position, {position: (id, reason)}, for the other loaders."""
+        return self._loader.undecodable if self._loader is not None else {}
+
 
 def create_loader_actors(root, recipe, batch_size: int, num_loaders: int = 1, rank: int = 0,
                          world_size: int = 1, seed: int = 0, split: str = "train", device: str = "cpu",
                          num_threads: int = 1, drop_last: bool = False, pad_last: bool = False,
                          actor_options: dict | None = None) -> list:
     """Start `num_loaders` loader actors for trainer `rank` of `world_size` (1 CPU each by default;
-    `actor_options` e.g. {"num_gpus": 1} with device="gpu", or a node-affinity strategy).
-    drop_last / pad_last act on each loader's own final partial batch, as in `build_loader`."""
+    `actor_options` e.g. {"num_gpus": 0.1} with device="gpu", which needs a GPU share, or a scheduling
+    strategy). drop_last / pad_last act on each loader's own final partial batch, as in `build_loader`."""
     args = loader_actor_args(root, recipe, batch_size, num_loaders, rank, world_size, seed, split, device,
                              num_threads, drop_last, pad_last)
     options = {"num_cpus": 1, "max_restarts": -1, "max_task_retries": 0, **(actor_options or {})}
+    if device == "gpu" and not options.get("num_gpus"):  # Ray hides every GPU from an actor that asks for none
+        raise ValueError("device='gpu' loader actors need a GPU resource: pass actor_options={'num_gpus': share}")
     remote = ray.remote(LoaderActor).options(**options)
     return [remote.remote(*a) for a in args]
 
@@ -103,7 +112,9 @@ def loader_actor_args(root, recipe, batch_size: int, num_loaders: int = 1, rank:
 class ActorLoader:
     """Trainer-side iterator over loader actors with at most `prefetch` batches in flight per
     loader (backpressure: a loader computes ahead only that far). Views are delivered on `device`:
-    uint8 views are moved there first and normalised there (on a GPU trainer, the cheap way)."""
+    uint8 views are moved there first and normalised there (on a GPU trainer, the cheap way); a CUDA
+    device gets them through pinned staging memory with asynchronous copies, and the labels pinned
+    (the trainer's own non_blocking copy then waits on nothing)."""
 
     def __init__(self, actors: list, prefetch: int = 2, restart_timeout: float = 120.0,
                  device: str | torch.device = "cpu"):
@@ -111,21 +122,31 @@ class ActorLoader:
             raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         self.actors, self.prefetch, self.restart_timeout = actors, prefetch, restart_timeout
         self.device = torch.device(device)  # views arrive there (uint8 moved first, then normalised)
-        self.replayed = 0  # batches a restarted loader had to recompute
+        self.replayed = 0  # batches a restarted loader had delivered before it died (it resumes after them)
         self.transferred = 0  # batches delivered through the object store
         self.max_in_flight = 0
         self.wait_seconds = 0.0  # time the trainer spent blocked on the loaders
+        # undecodable samples the loaders found, given to all at the next epoch: the epoch's partition
+        # moves a sample between loaders, and each would otherwise fail on it and check it again
+        self._undecodable: dict[int, tuple[int, str]] = {}
 
     def __len__(self) -> int:
         return sum(self._lengths) if hasattr(self, "_lengths") else 0
 
     def epoch(self, epoch: int = 0, skip: int = 0):
         """The epoch's batches, loader 0, 1, …, L-1, 0, … in turn (a loader that has run out is passed
-        over). `skip` (a resumed run): the first `skip` batches of that order are dropped inside the
-        loader actors (`LoaderActor.start_epoch(skip=)`), never sent; the rest arrive as without it."""
+        over). `skip` (a resumed run): the first `skip` batches of that order are left out inside the
+        loader actors (`LoaderActor.start_epoch(skip=)`), neither decoded nor sent; the rest arrive as
+        without it."""
         count = len(self.actors)
         skips = [len(range(i, skip, count)) for i in range(count)]  # batch j comes from loader j mod L
-        self._lengths = ray.get([a.start_epoch.remote(epoch, skip=s) for a, s in zip(self.actors, skips)])
+        for actor in self.actors:  # what the last epoch found, for every loader (one call each)
+            try:
+                self._undecodable.update(ray.get(actor.undecodable.remote(), timeout=60))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass  # a loader lost since: the others' findings still travel
+        self._lengths = ray.get([a.start_epoch.remote(epoch, skip=s, undecodable=self._undecodable)
+                                 for a, s in zip(self.actors, skips)])
         delivered = list(skips)  # counted from the epoch's start: a restarted loader replays to here
         in_flight = [deque() for _ in self.actors]
         issued = list(skips)
@@ -157,10 +178,10 @@ class ActorLoader:
                 delivered[i] += 1
                 self.transferred += 1
                 refill(i)
-                yield {"views": [_float_views(torch.from_numpy(np.array(v)).to(self.device, non_blocking=True))
-                                 for v in batch["views"]],
+                label = torch.from_numpy(np.array(batch["label"]))
+                yield {"views": [_float_views(host_to_device(v, self.device)) for v in batch["views"]],
                        "index": torch.from_numpy(np.array(batch["index"])),
-                       "label": torch.from_numpy(np.array(batch["label"]))}
+                       "label": label.pin_memory() if self.device.type == "cuda" else label}
 
     def skipped(self) -> dict[int, str]:
         """Undecodable samples the loader actors left out, {id: reason}."""
@@ -170,7 +191,8 @@ class ActorLoader:
         deadline = time.monotonic() + self.restart_timeout
         while True:
             try:
-                ray.get(self.actors[i].start_epoch.remote(epoch, skip=delivered), timeout=60)
+                ray.get(self.actors[i].start_epoch.remote(epoch, skip=delivered, undecodable=self._undecodable),
+                        timeout=60)
                 self.replayed += delivered
                 return
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):

@@ -254,9 +254,19 @@ def finish(view, device: str, space: str | None, mirror, raw: bool = False):
     return colorspace.normalize_node(converted, space)
 
 
+# nvJPEG's buffers for the "mixed" decoder, padded as in NVIDIA's DALI ResNet-50 example
+# (docs/examples/use_cases/pytorch/resnet50/main.py) so that a larger image later in the run does not
+# make it reallocate them; the CPU decoder takes no padding.
+NVJPEG_DEVICE_PADDING = 211_025_920
+NVJPEG_HOST_PADDING = 140_544_512
+
+
 def decode(encoded, device: str):
     """The only place the device changes the graph: CPU decode, or nvJPEG ("mixed") to the GPU."""
-    return fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    if device == "gpu":
+        return fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
+                                 device_memory_padding=NVJPEG_DEVICE_PADDING, host_memory_padding=NVJPEG_HOST_PADDING)
+    return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
 
 
 def views_graph(encoded, recipe: Recipe, device: str, raw: bool = False) -> list:

@@ -29,6 +29,9 @@ class DataConfig:
     batch_size: int = 256  # per Train worker
     loaders: int = 2  # loader actors per Train worker (the decoupled path); 0 = DALI inside the worker
     loader_cpus: float = 1.0  # CPUs reserved by each loader actor
+    # data.device=gpu with loader actors: the share of its Train worker's GPU each loader actor takes
+    # (Ray hides the GPUs from an actor that asks for none); 0 with data.device=cpu
+    loader_gpus: float = 0.0
     loader_threads: int = 2
     prefetch: int = 2  # batches in flight per loader actor
     device: str = "cpu"  # DALI device: "cpu" or "gpu" (nvJPEG decode + GPU ops)
@@ -43,6 +46,7 @@ class ModelConfig:
     shuffle_bn: bool = True  # MoCo / CACR keys: shuffle BN across workers (moco builder.py), sub-batches on one
     bn_splits: int = 8  # one worker with shuffle_bn: BN sub-batches of >= 32 rows (moco's CIFAR demo SplitBatchNorm)
     sync_bn: bool | None = None  # SyncBatchNorm under DDP on GPUs; None: the method's paper (SimCLR, BYOL: yes)
+    channels_last: bool = False  # NHWC model and batches (GPU presets: tensor-core convolutions)
 
 
 @dataclass
@@ -100,6 +104,10 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps; every epoch end is checkpointed too
     max_failures: int = 3
     seed: int = 0
+    # 32 | bf16-mixed | 16-mixed (Lightning's names; runtime.step); None: 32 on CPU, on a GPU bf16-mixed
+    # where it has bfloat16, else 16-mixed
+    precision: str | None = None
+    log_every: int = 10  # steps per metrics.jsonl flush: losses stay on the device in between (no host sync)
 
 
 @dataclass
@@ -217,8 +225,8 @@ def _unknown_key(dotted: str) -> ConfigError:
 _OPTIONAL_TYPES = {"train.optimizer": str, "train.lr": float, "train.weight_decay": float, "train.momentum": float,
                    "train.lr_warmup_epochs": int, "train.trust_coefficient": float,
                    "train.exclude_bias_and_norm": bool, "data.min_crop_scale": float, "train.max_steps": int,
-                   "train.torch_threads": int, "model.sync_bn": bool, "method.temperature": float,
-                   "eval.knn_train_samples": int, "eval.monitor_samples": int}
+                   "train.torch_threads": int, "train.precision": str, "model.sync_bn": bool,
+                   "method.temperature": float, "eval.knn_train_samples": int, "eval.monitor_samples": int}
 
 
 def _convert(text: str, current, name: str):
@@ -240,6 +248,8 @@ def typed(dotted: str, value):
     `1e-4`, which it reads as a string); numbers, booleans and null from YAML or JSON are checked."""
     if dotted not in DEFAULTS:
         raise _unknown_key(dotted)
+    if dotted == "train.precision" and type(value) is int:
+        value = str(value)  # `precision: 32` in YAML is Lightning's "32"
     if isinstance(value, str):
         return _convert(value, DEFAULTS[dotted], dotted)
     kind = _OPTIONAL_TYPES.get(dotted, type(DEFAULTS[dotted]))
@@ -325,10 +335,17 @@ def validate(config: JobConfig) -> JobConfig:
     from models.encoders import ENCODERS
     from models.interclr import BASES
     from models.simclr import LOSSES as SIMCLR_LOSSES
+    from runtime.step import PRECISIONS
     checks = [
         (config.data.batch_size > 0, f"data.batch_size must be positive, got {config.data.batch_size}"),
         (config.data.loaders >= 0, f"data.loaders must be >= 0, got {config.data.loaders}"),
         (config.data.device in ("cpu", "gpu"), f"data.device must be cpu or gpu, got {config.data.device!r}"),
+        (0 <= config.data.loader_gpus <= 1, f"data.loader_gpus must be between 0 and 1, got {config.data.loader_gpus}"),
+        (config.data.loader_gpus == 0 or (config.data.device == "gpu" and config.data.loaders > 0),
+         f"data.loader_gpus={config.data.loader_gpus:g} is the GPU share of a loader actor decoding on the GPU: it "
+         f"needs data.device=gpu and data.loaders > 0 (got {config.data.device} and {config.data.loaders})"),
+        (0 <= config.bank.gpus_per_shard <= 1,
+         f"bank.gpus_per_shard must be between 0 and 1, got {config.bank.gpus_per_shard}"),
         (config.model.encoder in (*ENCODERS, "alexnet"), f"unknown model.encoder {config.model.encoder!r}"),
         (config.method.name in METHOD_NAMES,
          f"unknown method {config.method.name!r} (choose from {', '.join(METHOD_NAMES)})"),
@@ -355,6 +372,12 @@ def validate(config: JobConfig) -> JobConfig:
         (config.train.lr is None or config.train.lr > 0, f"train.lr must be positive, got {config.train.lr}"),
         (config.train.optimizer in (None, "sgd", "lars"),
          f"train.optimizer must be sgd or lars, got {config.train.optimizer!r}"),
+        (config.train.precision in (None, *PRECISIONS),
+         f"train.precision must be 32, bf16-mixed or 16-mixed (Lightning's names), got {config.train.precision!r}"),
+        (config.train.precision != "16-mixed" or config.train.use_gpu,
+         "train.precision=16-mixed needs GPUs (train.use_gpu=true): fp16 gradient scaling is CUDA's; on CPU use "
+         "bf16-mixed or 32"),
+        (config.train.log_every > 0, f"train.log_every must be positive, got {config.train.log_every}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -27,6 +27,42 @@ def worker_resources(config: JobConfig) -> dict:
     return {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
 
 
+def reserve_gpus(config: JobConfig, nodes: list[dict], num_banks: int):
+    """The GPUs the Train workers share with the bank shards and GPU loader actors, each shard on a GPU
+    of its own beside a worker (runtime.placement `GpuReservation`: why placement groups), planned by
+    pre-flight's per-GPU check; release() when the job ends."""
+    from runtime.placement import GpuReservation
+    from runtime.preflight import check_gpu_packing
+    return GpuReservation.create(check_gpu_packing(config, nodes, num_banks))
+
+
+def bank_actor_options(config: JobConfig, nodes: list[dict], gpus, bank: int, num_banks: int) -> list[dict]:
+    """Ray actor options of each shard of bank `bank`: its slot of `gpus` (a GpuReservation) for GPU
+    shards; CPU shards dealt over the nodes and pinned there (runtime.placement: why hard)."""
+    from runtime.placement import deal, node_capacity, pinned
+    shards = range(bank * config.bank.shards, (bank + 1) * config.bank.shards)
+    if config.bank.gpus_per_shard:
+        return [gpus.shard_options(shard) for shard in shards]
+    homes = deal({node: 1 for node in node_capacity(nodes, "CPU")}, num_banks * config.bank.shards)
+    return [{"scheduling_strategy": pinned(homes[shard], soft=False)} for shard in shards]
+
+
+def loader_actor_options(config: JobConfig, gpus, rank: int) -> dict:
+    """Ray actor options of Train worker `rank`'s loader actors: beside its GPU with data.device=gpu
+    (data.loader_gpus each), else CPUs only, anywhere."""
+    if config.data.device == "gpu":
+        return gpus.loader_options(rank)
+    return {"num_cpus": config.data.loader_cpus}
+
+
+def scaling_config(config: JobConfig, gpus):
+    """Ray Train's ScalingConfig: each worker on the node of its GPU slot where `gpus` placed companions
+    (label_selector; Ray Train v2 places the workers' bundles with it, worker_group.py)."""
+    from ray.train import ScalingConfig
+    return ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
+                         resources_per_worker=worker_resources(config), label_selector=gpus.worker_labels())
+
+
 def job_env_vars(address: str | None) -> dict:
     """Environment of every actor of the job. RAY_ADDRESS where the cluster is known: Ray Train's
     PlacementGroupCleaner finds "its" cluster by auto-detection, which fails with a traceback when a
@@ -67,14 +103,13 @@ def check_inputs(config: JobConfig) -> tuple[int, np.ndarray, list[str]]:
 def run(config: JobConfig, address: str | None = None) -> dict:
     import ray
     import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from bank import MemoryBank
     from pipeline.actors import create_loader_actors
     from runtime.build import build_method, training_recipe
-    from runtime.preflight import check_data, check_resources
-    from runtime.placement import deal, node_capacity, pinned
+    from runtime.preflight import check_data, check_resources, check_shared_storage
     from runtime.train import CHECKPOINTS_KEPT, train_loop_per_worker
 
     started = time.perf_counter()
@@ -93,33 +128,28 @@ def run(config: JobConfig, address: str | None = None) -> dict:
              runtime_env={"env_vars": job_env_vars(address)})
     nodes, requests = ray.nodes(), probe.bank_requests()
     check_resources(config, ray.cluster_resources(), nodes, num_banks=len(requests))
-    banks, loaders = [], []
-    shards, gpus = config.bank.shards, config.bank.gpus_per_shard
-    # every bank's shards dealt over the nodes and pinned there (GPU nodes for GPU shards; runtime.placement)
-    homes = deal(node_capacity(nodes, "GPU") if gpus else {n: 1 for n in node_capacity(nodes, "CPU")},
-                 len(requests) * shards)
+    check_shared_storage(run_dir, nodes)  # the bank snapshots (run_dir/bank-i) are in the same folder
+    banks, loaders, gpus = [], [], reserve_gpus(config, nodes, len(requests))
     try:
         for i, request in enumerate(requests):
             banks.append(MemoryBank.create(
-                num_samples, request.dim, num_shards=shards,
+                num_samples, request.dim, num_shards=config.bank.shards,
                 num_clusters=config.bank.clusters if request.clusters else 1, momentum=request.momentum,
                 seed=config.train.seed, dtype=config.bank.dtype, snapshot_root=str(run_dir / f"bank-{i}"),
                 true_labels=labels if request.clusters else None, min_cluster=config.bank.min_cluster,
                 relabel=config.bank.labels == "online",
-                actor_options=[{"num_gpus": gpus, "scheduling_strategy": pinned(home, soft=False)}
-                               for home in homes[i * shards:(i + 1) * shards]] if homes else {"num_gpus": gpus}))
+                actor_options=bank_actor_options(config, nodes, gpus, i, len(requests))))
         for rank in range(config.train.num_workers if config.data.loaders else 0):
             loaders.append(create_loader_actors(  # one rank at a time: the finally kills every group made
                 config.data.root, training_recipe(probe, config), config.data.batch_size,
                 num_loaders=config.data.loaders, rank=rank, world_size=config.train.num_workers,
                 seed=config.train.seed, split=config.data.train_split, device=config.data.device,
-                num_threads=config.data.loader_threads, actor_options={"num_cpus": config.data.loader_cpus}))
+                num_threads=config.data.loader_threads, actor_options=loader_actor_options(config, gpus, rank)))
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"config": config.to_dict(), "banks": banks, "loaders": loaders or None,
                                "num_samples": num_samples, "num_classes": len(classes), "run_dir": str(run_dir)},
-            scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
-                                         resources_per_worker=worker_resources(config)),
+            scaling_config=scaling_config(config, gpus),
             run_config=RunConfig(name=config.name, storage_path=str(storage),
                                  failure_config=FailureConfig(max_failures=config.train.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)))
@@ -132,6 +162,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
                 ray.kill(actor, no_restart=True)
         for bank in banks:
             bank.shutdown()
+        gpus.release()
     summary.update(wall_seconds=time.perf_counter() - started, train_seconds=train_seconds,
                    **throughput(run_dir / "metrics.jsonl"))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

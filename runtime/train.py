@@ -7,9 +7,10 @@ worker), "num_samples", "num_classes", "run_dir". Each worker, top to bottom:
      GPU), the method's optimiser (SGD or LARS, runtime.optim) and `lr_schedule` (warm-up, cosine);
   2. `resume` from `ray.train.get_checkpoint()` (model, optimiser, schedule, step; rank 0 restores
      the banks from the snapshot the checkpoint names), or `initialise_banks` and `prime_queue`;
-  3. `train`: InterCLR k-means where `clustering_due`, then per step forward, backward, optimiser,
-     schedule, `method.after_optimizer_step` (EMA); `report` checkpoints every `checkpoint_every`
-     steps and at every epoch end;
+  3. `train`: InterCLR k-means where `clustering_due`, then per step `runtime.step.train_step`
+     (forward under `train.precision`'s autocast, backward, optimiser, schedule, the method's EMA and
+     queued bank / queue writes); `report` checkpoints every `checkpoint_every` steps and at every
+     epoch end;
   4. `evaluate_on_workers` (runtime.evaluate): kNN top-1 of the trained backbone and of its random
      init, each rank on its share of the data on its device; rank 0 writes run_dir/eval.json.
 Rank 0 writes metrics.jsonl + TensorBoard and prints one progress line per interval.
@@ -38,6 +39,7 @@ from runtime.config import JobConfig
 from runtime import preflight
 from runtime.evaluate import evaluate_on_workers, knn_on_workers
 from runtime.optim import build_optimizer
+from runtime.step import Precision, prepare_model, to_device, train_step
 
 PROGRESS_SECONDS = 10.0
 CHECKPOINTS_KEPT = 2  # Ray Train checkpoints kept (CheckpointConfig.num_to_keep)
@@ -78,42 +80,32 @@ class Batches:
             self.actor_loader = ActorLoader(actors, prefetch=d.prefetch, device=device)
         else:
             self.actor_loader = None
-            self.build = lambda: build_loader(d.root, recipe, d.batch_size, device=d.device, rank=rank,
-                                              world_size=world, seed=config.train.seed, split=d.train_split,
-                                              num_threads=d.loader_threads, keep_on_gpu=d.device == "gpu")
-            self.loader = self.build()
+            self.loader = build_loader(d.root, recipe, d.batch_size, device=d.device, rank=rank, world_size=world,
+                                       seed=config.train.seed, split=d.train_split, num_threads=d.loader_threads,
+                                       keep_on_gpu=d.device == "gpu",
+                                       pin_memory=d.device == "cpu" and torch.device(device).type == "cuda")
 
     def head(self, steps: int):
-        """The first `steps` batches of an epoch, without reading the rest (the in-process loader is
-        rebuilt; loader actors start each epoch afresh anyway)."""
-        yield from self.epoch(0, steps, finish=False)
-        if self.actor_loader is None:
-            self.loader = self.build()
+        """The first `steps` batches of epoch 0, without reading the rest (every epoch builds its own
+        pipeline: nothing to drain)."""
+        yield from self.epoch(0, steps)
 
-    def epoch(self, epoch: int, steps: int, skip: int = 0, finish: bool = True):
-        """Batches `skip` … `steps`-1 of the epoch. Loader actors drop the skipped ones themselves (a
-        resumed run pulls nothing it does not train on); the in-process loader reads past them."""
+    def epoch(self, epoch: int, steps: int, skip: int = 0):
+        """Batches `skip` … `steps`-1 of the epoch, in the epoch's own seeded order; a resumed epoch
+        starts the reader at its offset (pipeline.loader `epoch_order`): nothing skipped is decoded."""
         if self.actor_loader is not None:
-            source, first = self.actor_loader.epoch(epoch, skip=skip), skip
+            source = self.actor_loader.epoch(epoch, skip=skip)
         else:
-            source, first = iter(self.loader), 0
-        for step in range(first, steps):
+            source = iter(self.loader.epoch(epoch, skip=skip))
+        for _ in range(skip, steps):
             start = time.perf_counter()
             batch = next(source)
             self.wait_seconds += time.perf_counter() - start
-            if step >= skip:
-                yield batch
-        if self.actor_loader is None and finish:
-            for _ in source:  # finish the DALI epoch so the next one starts on its boundary
-                pass
+            yield batch
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {"views": [v.to(device, non_blocking=True) for v in batch["views"]],
-            "index": batch["index"], "label": batch["label"].to(device)}
-
-
-def initialise_banks(method, banks, batches: Batches, device, steps: int, config: JobConfig, rank: int) -> None:
+def initialise_banks(method, banks, batches: Batches, device, steps: int, config: JobConfig, rank: int,
+                     precision: Precision) -> None:
     """Fill the banks (one no-grad pass of the initial encoder, or unit noise), then rank 0 runs
     k-means for the banks that need pseudo-labels (unless a warm-up comes first)."""
     if not banks:
@@ -121,8 +113,8 @@ def initialise_banks(method, banks, batches: Batches, device, steps: int, config
     if config.bank.init == "extract":
         method.train(False)
         for batch in batches.epoch(0, steps):
-            with torch.no_grad():
-                features = method.bank_features(to_device(batch, device))
+            with torch.no_grad(), precision.autocast():
+                features = method.bank_features(to_device(batch, device, config.model.channels_last))
             for bank, feats in zip(banks, features):
                 bank.set_features(batch["index"], feats)
         method.train(True)
@@ -139,7 +131,7 @@ def initialise_banks(method, banks, batches: Batches, device, steps: int, config
     barrier()
 
 
-def prime_queue(method, batches: Batches, device, config: JobConfig) -> None:
+def prime_queue(method, batches: Batches, device, config: JobConfig, precision: Precision) -> None:
     """Fill a MoCo-style queue with keys of real images (no grad; every rank, as push gathers)."""
     queue = getattr(method, "queue", None)
     if queue is None:
@@ -148,7 +140,8 @@ def prime_queue(method, batches: Batches, device, config: JobConfig) -> None:
     steps = -(-len(queue.keys) // (config.data.batch_size * world))  # push enqueues every rank's keys
     method.train(True)  # keys as in training (batch statistics)
     for batch in batches.head(steps):
-        method.prime(to_device(batch, device))
+        with precision.autocast():
+            method.prime(to_device(batch, device, config.model.channels_last))
 
 
 def cluster_banks(method, banks, config: JobConfig, epoch: int = 0) -> None:
@@ -181,6 +174,7 @@ class Worker:
     model: torch.nn.Module  # what runs the step: the method, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
+    precision: Precision
     batches: "Batches"
     banks: list
     steps_per_epoch: int
@@ -195,8 +189,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if step is None:
         step = 0
         initialise_banks(worker.method, worker.banks, worker.batches, worker.device, worker.steps_per_epoch,
-                         worker.config, worker.rank)
-        prime_queue(worker.method, worker.batches, worker.device, worker.config)
+                         worker.config, worker.rank, worker.precision)
+        prime_queue(worker.method, worker.batches, worker.device, worker.config, worker.precision)
     step = train(worker, step)
     evaluate_on_workers(worker.method, worker.config, worker.rank, worker.world, worker.device, worker.run_dir,
                         loop_config.get("num_classes"), step)
@@ -218,7 +212,13 @@ def setup_worker(loop_config: dict) -> Worker:
         torch.set_num_threads(config.train.torch_threads)
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     device = ray.train.torch.get_device() if config.train.use_gpu else torch.device("cpu")
-    method = build_method(config, loop_config.get("num_classes")).attach_banks(banks).to(device)
+    precision = Precision.create(config.train.precision, device)
+    if rank == 0:
+        chosen = " (the device's default)" if config.train.precision is None else ""
+        print(f"precision {precision.name}{chosen} on {device}, channels_last {config.model.channels_last}",
+              flush=True)
+    method = prepare_model(build_method(config, loop_config.get("num_classes")).attach_banks(banks), device,
+                           config.model.channels_last)
     if world > 1 and uses_sync_bn(config):
         if config.train.use_gpu:
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
@@ -241,8 +241,8 @@ def setup_worker(loop_config: dict) -> Worker:
                          f"per loader on {world} workers; lower data.batch_size")
     total_steps = steps_per_epoch * t.epochs
     return Worker(config, rank, world, device, method, model, optimizer,
-                  lr_schedule(optimizer, config, total_steps, steps_per_epoch), batches, banks, steps_per_epoch,
-                  total_steps, min(total_steps, t.max_steps or total_steps), Path(loop_config["run_dir"]))
+                  lr_schedule(optimizer, config, total_steps, steps_per_epoch), precision, batches, banks,
+                  steps_per_epoch, total_steps, min(total_steps, t.max_steps or total_steps), Path(loop_config["run_dir"]))
 
 
 def resume(worker: Worker) -> int | None:
@@ -256,6 +256,7 @@ def resume(worker: Worker) -> int | None:
     worker.method.load_state_dict(state["model"])
     worker.optimizer.load_state_dict(state["optimizer"])
     step = state["step"]
+    worker.precision.load_state_dict(state.get("precision", {}))
     if "schedule" in state:
         worker.schedule.load_state_dict(state["schedule"])
     else:  # a checkpoint from before the schedule was saved: replay it
@@ -286,16 +287,12 @@ def train(worker: Worker, step: int) -> int:
             barrier()
         for batch in w.batches.epoch(epoch, w.steps_per_epoch, skip):
             lr = w.optimizer.param_groups[0]["lr"]
-            out = w.model(to_device(batch, w.device), step / w.total_steps, epoch)
-            w.optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            w.optimizer.step()
-            w.schedule.step()
-            w.method.after_optimizer_step(step / w.total_steps)
+            result = train_step(w.method, w.model, w.optimizer, w.schedule, w.precision,
+                                to_device(batch, w.device, config.model.channels_last), step / w.total_steps, epoch)
             step += 1
             window["images"] += len(batch["index"]) * w.world
             if logger is not None:
-                logger.step(step, epoch, lr, out, window, w.batches, w.banks, w.last_step, started)
+                logger.step(step, epoch, lr, result, window, w.batches, w.banks, w.last_step, started)
             if step % config.train.checkpoint_every == 0 or step % w.steps_per_epoch == 0 or step == w.last_step:
                 report(w, step, epoch, logger)
             if step % w.steps_per_epoch == 0 and monitor_due(config, epoch + 1) and step < w.last_step:
@@ -350,7 +347,8 @@ def report(worker: Worker, step: int, epoch: int, logger) -> None:
     barrier()
     with tempfile.TemporaryDirectory() as directory:
         torch.save({"model": worker.method.state_dict(), "optimizer": worker.optimizer.state_dict(),
-                    "schedule": worker.schedule.state_dict(), "step": step, "bank_snapshots": snapshots},
+                    "schedule": worker.schedule.state_dict(), "precision": worker.precision.state_dict(),
+                    "step": step, "bank_snapshots": snapshots},
                    Path(directory) / "model.pt")
         (Path(directory) / "meta.json").write_text(json.dumps({"step": step, "epoch": epoch}))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -377,7 +375,10 @@ def bank_metrics(banks) -> dict:
 
 
 class MetricsLogger:
-    """metrics.jsonl + TensorBoard + one progress line (step, epoch, img/s, loss, ETA) per interval."""
+    """metrics.jsonl + TensorBoard + one progress line (step, epoch, img/s, loss, ETA) per interval.
+    A step's losses stay on the device until `train.log_every` steps are due (or a progress line, a
+    checkpoint record, the end): then one host transfer for all of them, so no step waits for its
+    loss to reach the host."""
 
     def __init__(self, run_dir: Path, rank: int, config: JobConfig):
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -390,19 +391,40 @@ class MetricsLogger:
         except ImportError:
             self.tensorboard = None
         self.last_print = time.perf_counter()
+        self.pending = []  # (record without losses, {name: 0-dim device tensor})
 
     def write(self, record: dict) -> None:
+        self.flush()
+        self._write(record)
+
+    def _write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tensorboard is not None and "step" in record:
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tensorboard.add_scalar(key, value, record["step"])
 
-    def step(self, step, epoch, lr, out, window, batches, banks, last_step, started) -> None:
+    def flush(self) -> dict | None:
+        """Write the pending step records (one device → host copy); returns the last one."""
+        if not self.pending:
+            return None
+        values = torch.stack([v.detach().float().reshape(()) for _, losses in self.pending
+                              for v in losses.values()]).tolist()
+        position = 0
+        for record, losses in self.pending:
+            record.update(zip(losses, values[position:position + len(losses)]))
+            position += len(losses)
+            self._write(record)
+        last = self.pending[-1][0]
+        self.pending = []
+        return last
+
+    def step(self, step, epoch, lr, result, window, batches, banks, last_step, started) -> None:
         now = time.perf_counter()
-        losses = {k: float(v.detach()) for k, v in out.items()}
-        record = {"step": step, "epoch": epoch, "lr": lr, **losses}
+        record = {"step": step, "epoch": epoch, "lr": lr}
+        if not result.applied:
+            record["skipped"] = True  # 16-mixed: non-finite gradients, no update (runtime.step)
         if step % 10 == 0 or now - self.last_print >= PROGRESS_SECONDS:
             elapsed = now - window["start"]
             wait = batches.wait_seconds + _bank_wait(banks)
@@ -410,16 +432,21 @@ class MetricsLogger:
             record["data_wait_fraction"] = min(1.0, (wait - window["wait"]) / elapsed)
             record["loader_wait_s"], record["bank_wait_s"] = batches.wait_seconds, _bank_wait(banks)
             window.update(start=now, images=0, wait=wait)
-        self.write(record)
-        if now - self.last_print >= PROGRESS_SECONDS or step == last_step:
+        self.pending.append((record, {k: v for k, v in result.out.items() if isinstance(v, torch.Tensor)}))
+        printing = now - self.last_print >= PROGRESS_SECONDS or step == last_step
+        if not printing and step % self.config.train.log_every:
+            return
+        last = self.flush()
+        if printing:
             self.last_print = now
             rate = step / max(now - started, 1e-9)
             eta = time.strftime("%H:%M:%S", time.gmtime((last_step - step) / max(rate, 1e-9)))
             print(f"step {step}/{last_step} epoch {epoch + 1}/{self.config.train.epochs} "
-                  f"{record.get('img_per_s', float('nan')):.0f} img/s loss {losses['loss']:.4f} "
-                  f"wait {record.get('data_wait_fraction', float('nan')):.0%} ETA {eta}", flush=True)
+                  f"{last.get('img_per_s', float('nan')):.0f} img/s loss {last['loss']:.4f} "
+                  f"wait {last.get('data_wait_fraction', float('nan')):.0%} ETA {eta}", flush=True)
 
     def close(self) -> None:
+        self.flush()
         self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()

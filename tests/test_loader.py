@@ -1,5 +1,6 @@
 """pipeline.build_loader: DALI CPU graphs over converted shards — shapes, ids and labels from the
-shards, rank sharding, epochs, determinism, errors."""
+shards, rank sharding, a fresh order and partition every epoch, resume at an offset, determinism,
+errors."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.convert import convert
-from pipeline.loader import LoaderError, build_loader
+from pipeline.loader import LoaderError, build_loader, epoch_order, host_to_device
 from pipeline.manifest import Manifest
 from pipeline.views import ViewSpec, Recipe
 from tests import datasets
@@ -90,6 +91,75 @@ def test_pad_last_fills_the_final_batch_with_its_last_row(shards):
         build_loader(shards, small(), batch_size=16, pad_last=True, drop_last=True)
 
 
+def test_epoch_order_is_a_fresh_partition_every_epoch_with_every_sample_once():
+    """The plan alone (numpy), where chance would show: 23 tars, ~5,000 samples, 6 streams."""
+    counts = np.random.default_rng(1).integers(100, 330, 23)
+    total, streams = int(counts.sum()), 6
+    plans = {e: [epoch_order(counts, s, streams, seed=7, epoch=e, run_length=16) for s in range(streams)]
+             for e in (0, 1)}
+    for plan in plans.values():
+        assert np.array_equal(np.sort(np.concatenate(plan)), np.arange(total))  # every sample once
+        assert [len(p) for p in plan] == [total * (s + 1) // streams - total * s // streams for s in range(streams)]
+    shard = lambda positions: np.searchsorted(np.cumsum(counts), positions, side="right")
+    for s in range(streams):
+        assert np.array_equal(epoch_order(counts, s, streams, seed=7, epoch=1, run_length=16), plans[1][s])
+        kept = len(np.intersect1d(plans[0][s], plans[1][s])) / len(plans[0][s])
+        assert kept < 0.3  # a fresh partition: 1/6 of a share stays by chance (a fixed split keeps all)
+        for start in range(0, len(plans[0][s]) - 127, 128):  # a batch of 8 runs of 16 mixes tars
+            assert len(np.unique(shard(plans[0][s][start:start + 128]))) >= 4
+    fixed = [epoch_order(counts, 1, streams, 7, e, shuffle=False) for e in (0, 1)]
+    assert all(np.array_equal(f, np.arange(total // streams, 2 * total // streams)) for f in fixed)
+
+
+def test_every_epoch_repartitions_the_samples_across_two_ranks_each_id_once(shards):
+    for option, per_rank in (("drop_last", 24), ("pad_last", 25)):
+        loaders = [build_loader(shards, small(), 8, rank=r, world_size=2, **{option: True}) for r in (0, 1)]
+        ids, batches = [], []
+        for _ in range(2):  # iter(): the next epoch
+            epoch = [[b["index"].tolist() for b in loader] for loader in loaders]
+            served = [[i for b in rank for i in b][:per_rank] for rank in epoch]  # pad_last's repeats cut
+            assert len(set(served[0] + served[1])) == 2 * per_rank  # each id at most once across the ranks
+            if option == "pad_last":
+                assert sorted(served[0] + served[1]) == list(range(50))
+            ids.append(served)
+            batches.append({frozenset(b) for b in epoch[0]})
+        assert set(ids[0][0]) != set(ids[1][0])  # rank 0 holds other samples in the second epoch
+        assert not batches[0] & batches[1]  # and no batch of the first epoch again
+
+
+def test_a_resumed_epoch_serves_the_uninterrupted_epochs_remaining_batches(shards):
+    make = lambda: build_loader(shards, small(), 8, rank=1, world_size=2, seed=5, pad_last=True)
+    full = [(b["index"].tolist(), b["label"].tolist()) for b in make().epoch(2)]
+    for skip in (1, 3, len(full)):
+        resumed = make()  # a new worker's loader, as after a restart
+        assert [(b["index"].tolist(), b["label"].tolist()) for b in resumed.epoch(2, skip=skip)] == full[skip:]
+    with pytest.raises(LoaderError, match="cannot skip 5 batches of an epoch of 4"):
+        make().epoch(2, skip=5)
+
+
+def test_a_resumed_epoch_reads_nothing_before_its_offset(shards, tmp_path):
+    """A corrupt sample in the batches a resumed epoch skips is never decoded: the reader starts past it."""
+    root, bad_id = corrupt_one_sample(shards, tmp_path)
+    clean = build_loader(shards, small(), 8, seed=1)
+    for epoch in range(4):  # an epoch where the corrupt sample is not in the last batch
+        full = [b["index"].tolist() for b in clean.epoch(epoch)]
+        hit = next(k for k, batch in enumerate(full) if bad_id in batch)
+        if hit < len(full) - 1:
+            break
+    resumed = build_loader(root, small(), 8, seed=1)
+    assert [b["index"].tolist() for b in resumed.epoch(epoch, skip=hit + 1)] == full[hit + 1:]
+    assert resumed.skipped == {} and resumed.duplicates == 0
+
+
+def test_host_to_device_on_the_cpu_is_one_copy_torch_owns():
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    array.setflags(write=False)  # as `ray.get` returns numpy
+    out = host_to_device(array, torch.device("cpu"))
+    assert out.dtype == torch.uint8 and out.tolist() == array.tolist()
+    out[0] = 7
+    assert array[0, 0, 0] == 0  # its own memory
+
+
 def test_same_seed_gives_identical_batches_and_another_seed_does_not(shards):
     a, b, c = (epoch(build_loader(shards, small(), 16, seed=s)) for s in (3, 3, 4))
     for x, y in zip(a, b):
@@ -122,12 +192,16 @@ def test_bad_arguments(shards):
         build_loader(shards, "two_crop", 4, rank=2, world_size=2)
 
 
-def test_different_ranks_get_different_augmentation_streams(shards):
-    """Ranks read different samples, so compare what decides the stream: the DALI pipeline seed
-    (seed·P + rank; that a different seed gives other augmentations is the test above)."""
-    seeds = [build_loader(shards, small(), 4, rank=r, world_size=2, seed=3).pipe.seed for r in (0, 1)]
-    same = build_loader(shards, small(), 4, rank=0, world_size=2, seed=3).pipe.seed
-    assert seeds[0] != seeds[1] and seeds[0] == same
+def test_different_ranks_and_epochs_get_different_augmentation_streams(shards):
+    """Ranks read different samples, so compare what decides the stream: the seed of the pipeline an
+    epoch builds, from (seed, epoch, rank) (that a different seed gives other augmentations is the
+    test above)."""
+    loaders = [build_loader(shards, small(), 4, rank=r, world_size=2, seed=3) for r in (0, 1)]
+    seeds = {(r, e): (loaders[r].epoch(e), loaders[r].pipe.seed)[1] for r in (0, 1) for e in (0, 1)}
+    assert len(set(seeds.values())) == 4
+    again = build_loader(shards, small(), 4, rank=0, world_size=2, seed=3)
+    again.epoch(1)
+    assert again.pipe.seed == seeds[(0, 1)]
 
 
 def test_multi_crop_views_are_grouped_by_resolution_large_first(shards):
@@ -262,3 +336,14 @@ def test_gpu_imclr_rows_stay_on_the_gpu_and_start_with_every_sample_once(shards)
         (view,) = batch["views"]
         assert view.device == torch.device("cuda", 0) and view.shape[1:] == (3, SMALL, 2 * SMALL)
     assert sorted(torch.cat([b["index"][:, 0] for b in batches]).tolist()) == list(range(50))
+
+
+@needs_cuda
+def test_pinned_copies_reach_the_gpu_with_their_values(shards):
+    array = np.random.default_rng(0).integers(0, 255, (4, 3, 8, 8), dtype=np.uint8)
+    out = host_to_device(array, torch.device("cuda", 0))
+    assert out.device == torch.device("cuda", 0) and torch.equal(out.cpu(), torch.from_numpy(array))
+    pinned = next(iter(build_loader(shards, small(), 8, pin_memory=True, shuffle=False)))
+    plain = next(iter(build_loader(shards, small(), 8, shuffle=False)))
+    assert all(v.is_pinned() for v in pinned["views"]) and pinned["label"].is_pinned()
+    assert all(torch.equal(a, b) for a, b in zip(pinned["views"], plain["views"]))

@@ -1,5 +1,6 @@
-"""pipeline.actors: DALI loaders in Ray actors — epoch semantics across loaders and trainers,
-bounded prefetch, and exactly-once delivery when a loader is killed mid-epoch."""
+"""pipeline.actors: DALI loaders in Ray actors — epoch semantics across loaders and trainers (a
+fresh partition every epoch), bounded prefetch, and exactly-once delivery when a loader is killed
+mid-epoch."""
 from __future__ import annotations
 
 import time
@@ -108,6 +109,19 @@ def test_loaders_of_two_trainers_split_the_epoch(make_loaders, shards):
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(50))
 
 
+def test_two_trainers_with_two_loaders_each_serve_every_id_once_in_a_fresh_partition_every_epoch(
+        make_loaders, shards):
+    """Loader i of trainer r is stream r·L + i of w·L of each epoch's order."""
+    seen = {}
+    for rank in range(2):
+        loader = ActorLoader(make_loaders(shards, RECIPE, batch_size=8, num_loaders=2, rank=rank, world_size=2))
+        for epoch in range(2):
+            seen[rank, epoch] = torch.cat([b["index"] for b in loader.epoch(epoch)]).tolist()
+    for epoch in range(2):
+        assert sorted(seen[0, epoch] + seen[1, epoch]) == list(range(50))
+    assert set(seen[0, 0]) != set(seen[0, 1])
+
+
 def test_a_killed_loader_is_restarted_and_nothing_is_lost_or_duplicated(ray_cluster, two_loaders):
     actors = two_loaders
     loader = ActorLoader(actors, prefetch=1)
@@ -124,7 +138,7 @@ def test_a_killed_loader_is_restarted_and_nothing_is_lost_or_duplicated(ray_clus
                 except (ray_cluster.exceptions.RayActorError, ray_cluster.exceptions.GetTimeoutError):
                     time.sleep(0.2)
     assert sorted(ids) == list(range(50))  # every sample exactly once
-    assert loader.replayed > 0  # the restarted loader recomputed what it had delivered
+    assert loader.replayed > 0  # the restarted loader resumed after what it had delivered
 
 
 def test_loader_actors_skip_an_undecodable_sample_and_report_it(make_loaders, shards, tmp_path):
@@ -142,15 +156,15 @@ HALF_LEVEL = 0.5 / (0.224 * 255) + 1e-5
 
 def test_rgb_views_cross_the_object_store_as_uint8_and_match_the_in_process_loader(make_loaders, shards):
     """The actor ships uint8 (a quarter of the bytes); the trainer's normalisation gives the float
-    views the in-process graph computes for the same seed (seed·7919 + epoch) and shard, up to the
-    one rounding to uint8 (half a grey level: 0.5 / (0.224·255) after normalisation)."""
+    views the in-process graph computes for the same seed, epoch and stream, up to the one rounding
+    to uint8 (half a grey level: 0.5 / (0.224·255) after normalisation)."""
     from pipeline.actors import LoaderActor
     from pipeline.loader import build_loader
     actor = LoaderActor(str(shards), RECIPE, 8, shard_index=1, num_shards=2, seed=3)
     actor.start_epoch(0)
     shipped = actor.next_batch()
     assert all(v.dtype == np.uint8 for v in shipped["views"])
-    reference = next(iter(build_loader(shards, RECIPE, 8, rank=1, world_size=2, seed=3 * 7_919)))
+    reference = next(iter(build_loader(shards, RECIPE, 8, rank=1, world_size=2, seed=3)))
     assert shipped["index"].tolist() == reference["index"].tolist()
     for raw, expected in zip(shipped["views"], reference["views"]):
         torch.testing.assert_close(normalize(torch.from_numpy(raw)), expected, atol=HALF_LEVEL, rtol=0)

@@ -87,6 +87,24 @@ def test_gpu_graph_differs_only_in_decode_and_op_devices(recipe):
     assert not strip(cpu) - strip(gpu)
 
 
+def decoder_args(device: str) -> dict:
+    """The image decoder's arguments in the loader's graph for `device` (built as a graph only)."""
+    @pipeline_def(batch_size=2, num_threads=1, device_id=0 if device == "gpu" else None, enable_conditionals=True)
+    def graph():
+        return tuple(views.views_graph(fn.external_source(name="encoded", dtype=types.UINT8), views.center(), device))
+
+    pipe = graph()
+    pipe._build_graph()  # private in DALI 2.4 (pinned); the public build() needs a GPU for GPU ops
+    (decoder,) = [op._op for op in pipe._ops if getattr(op._op, "schema_name", "") == "decoders__Image"]
+    return decoder._init_args
+
+
+def test_gpu_decoder_pads_nvjpeg_buffers_as_nvidias_resnet50_example():
+    gpu, cpu = decoder_args("gpu"), decoder_args("cpu")
+    assert gpu["device_memory_padding"] == 211_025_920 and gpu["host_memory_padding"] == 140_544_512
+    assert "device_memory_padding" not in cpu and "host_memory_padding" not in cpu
+
+
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_imclr_parts_are_one_random_cyclic_order_shifted_by_the_part(n):
     """Part j of row k is sample order[(k + j) mod B]: every part a permutation of the batch, part j

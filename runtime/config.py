@@ -335,7 +335,7 @@ def validate(config: JobConfig) -> JobConfig:
     from models.encoders import ENCODERS
     from models.interclr import BASES
     from models.simclr import LOSSES as SIMCLR_LOSSES
-    from runtime.step import PRECISIONS
+    from runtime.step import PrecisionError, check_precision
     checks = [
         (config.data.batch_size > 0, f"data.batch_size must be positive, got {config.data.batch_size}"),
         (config.data.loaders >= 0, f"data.loaders must be >= 0, got {config.data.loaders}"),
@@ -372,16 +372,15 @@ def validate(config: JobConfig) -> JobConfig:
         (config.train.lr is None or config.train.lr > 0, f"train.lr must be positive, got {config.train.lr}"),
         (config.train.optimizer in (None, "sgd", "lars"),
          f"train.optimizer must be sgd or lars, got {config.train.optimizer!r}"),
-        (config.train.precision in (None, *PRECISIONS),
-         f"train.precision must be 32, bf16-mixed or 16-mixed (Lightning's names), got {config.train.precision!r}"),
-        (config.train.precision != "16-mixed" or config.train.use_gpu,
-         "train.precision=16-mixed needs GPUs (train.use_gpu=true): fp16 gradient scaling is CUDA's; on CPU use "
-         "bf16-mixed or 32"),
         (config.train.log_every > 0, f"train.log_every must be positive, got {config.train.log_every}"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    try:
+        check_precision(config.train.precision, config.train.use_gpu)
+    except PrecisionError as exc:
+        raise ConfigError(str(exc)) from None
     return config
 
 

@@ -24,7 +24,7 @@ import torch
 from pipeline.loader import build_loader, shard_list
 from pipeline.manifest import Manifest
 from pipeline.views import center
-from runtime.knn import Neighbours, knn_top1, merge_nearest, nearest, vote_top1  # noqa: F401 (re-exported)
+from runtime.knn import knn_top1, merge_nearest, nearest, vote_top1
 
 EVAL_FILE = "eval.json"  # rank 0's numbers, read by runtime.driver.evaluate
 PICTURES_FILE = "eval-pictures.npz"  # what the pictures need, at most TSNE_POINTS val features

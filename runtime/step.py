@@ -33,16 +33,21 @@ class PrecisionError(ValueError):
     """A precision the device cannot run (a job prints it as one error: line)."""
 
 
-def resolve_precision(requested: str | None, device: torch.device) -> str:
-    """`train.precision` for `device`: None picks the device's default; a choice the device cannot
-    run is refused, naming what it can."""
+def check_precision(requested: str | None, on_gpu: bool) -> None:
+    """What any machine can tell about `train.precision` (config validation and the worker share it)."""
     if requested is not None and requested not in PRECISIONS:
         raise PrecisionError(f"train.precision must be 32, bf16-mixed or 16-mixed (Lightning's names), got "
                              f"{requested!r}")
+    if requested == "16-mixed" and not on_gpu:
+        raise PrecisionError("train.precision=16-mixed needs GPUs (train.use_gpu=true): fp16 gradient scaling is "
+                             "CUDA's; on CPU use bf16-mixed or 32")
+
+
+def resolve_precision(requested: str | None, device: torch.device) -> str:
+    """`train.precision` for `device`: None picks the device's default; a choice the device cannot
+    run is refused, naming what it can."""
+    check_precision(requested, device.type == "cuda")
     if device.type != "cuda":
-        if requested == "16-mixed":
-            raise PrecisionError("train.precision=16-mixed needs GPUs (fp16 gradient scaling is CUDA's); on CPU "
-                                 "use bf16-mixed or 32")
         return requested or "32"
     bf16 = torch.cuda.is_bf16_supported()
     if requested == "bf16-mixed" and not bf16:
@@ -108,9 +113,9 @@ class StepResult:
 
 
 def train_step(method, model, optimizer: torch.optim.Optimizer, schedule, precision: Precision, batch: dict,
-               progress: float, epoch: int, clip_grad_norm: float | None = None) -> StepResult:
-    """Forward under autocast, backward (scaled for 16-mixed), gradients unscaled before any clipping
-    and before the optimiser (LARS's trust ratio reads true gradient norms), optimiser step, lr
+               progress: float, epoch: int) -> StepResult:
+    """Forward under autocast, backward (scaled for 16-mixed), gradients unscaled before the optimiser
+    (LARS's trust ratio reads true gradient norms; clipping would go there too), optimiser step, lr
     schedule, then the method's EMA and queued side effects — or, for a skipped step, none of them.
     `model` is what runs the forward (the method or its DDP wrapper); `batch` is on the device."""
     with precision.autocast():
@@ -119,16 +124,12 @@ def train_step(method, model, optimizer: torch.optim.Optimizer, schedule, precis
     scaler = precision.scaler
     if scaler is None:
         out["loss"].backward()
-        if clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(_parameters(optimizer), clip_grad_norm)
         optimizer.step()
         applied = True
     else:
         scale = scaler.get_scale()
         scaler.scale(out["loss"]).backward()
         scaler.unscale_(optimizer)
-        if clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(_parameters(optimizer), clip_grad_norm)
         scaler.step(optimizer)  # skips optimizer.step() when the unscaled gradients are not finite
         scaler.update()
         # the scale drops exactly when the step was skipped (Hugging Face accelerate's
@@ -143,7 +144,3 @@ def train_step(method, model, optimizer: torch.optim.Optimizer, schedule, precis
     else:
         method.discard_step()
     return StepResult(out, applied)
-
-
-def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]

@@ -549,18 +549,27 @@ class MemoryBank:
 
     # --- clustering ------------------------------------------------------------------------------
 
-    def init_clusters(self, iters: int = 10, init: str = "kmeans++", seed: int | None = None,
-                      init_sample: int | None = None, initial_centroids: np.ndarray | None = None) -> dict:
+    def init_clusters(self, iters: int = 10, init: str = "random", seed: int | None = None,
+                      init_sample: int | None = None, initial_centroids: np.ndarray | None = None,
+                      progress=None) -> dict:
         """Global k-means across the shards (Lloyd): every iteration each shard assigns its rows to
-        the broadcast centroids and returns per-cluster sums and counts; the driver reduces them.
-        Seeding: "kmeans++" on a uniform sample of `init_sample` rows (default 40·C, as faiss
-        samples), "random" = C distinct sampled rows, or `initial_centroids`. Empty clusters are
-        split from large ones (faiss's rule); a cluster the final assignment leaves empty is refilled
-        by a 2-means split of the largest (as online upkeep). Returns the inertia per iteration (the
-        last: of the final assignment, before such refills), the seeds and the split counts."""
+        the broadcast centroids on its own device (bank.kmeans.nearest_centroid, chunked) and
+        returns per-cluster sums and counts; this client only reduces them, O(S·C·D) per iteration.
+        Seeding: "random" = C distinct rows drawn uniformly, as faiss does (faiss/Clustering.cpp
+        `Clustering::train_encoded` permutes the training points; mmselfsup 0.x InterCLR clusters
+        with faiss, mmselfsup/utils/clustering.py `Kmeans`) — O(C·D), the scalable default;
+        "kmeans++" on a uniform sample of `init_sample` rows (default 40·C) costs C sequential
+        passes over that sample in this process, for small banks only; or `initial_centroids`.
+        Empty clusters are split from large ones (faiss's rule); a cluster the final assignment
+        leaves empty is refilled by a 2-means split of the largest (as online upkeep).
+        `progress(message)` is called after the seeding and every iteration. Returns the inertia
+        per iteration (the last: of the final assignment, before such refills), the seeds, the split
+        counts and the seconds spent seeding and per iteration."""
         seed = self.config["seed"] if seed is None else seed
         rng = np.random.default_rng(seed)
         c = self.num_clusters
+        report = progress or (lambda message: None)
+        started = time.perf_counter()
         if initial_centroids is not None:
             centroids = np.asarray(initial_centroids, dtype=np.float32).copy()
             if centroids.shape != (c, self.dim):
@@ -570,10 +579,13 @@ class MemoryBank:
             sample = self._sample_rows(sample_size, rng)
             centroids = sample[:c].copy() if init == "random" else kmeans_plus_plus(sample, c, rng)
         else:
-            raise ValueError(f"init must be 'kmeans++' or 'random', got {init!r}")
+            raise ValueError(f"init must be 'random' or 'kmeans++', got {init!r}")
+        seed_seconds = time.perf_counter() - started
+        report(f"k-means {self.num_samples} rows -> {c} clusters: seeded ({init}) in {seed_seconds:.1f} s")
         seeds = centroids.copy()
-        history, splits = [], 0
-        for _ in range(iters):
+        history, splits, iteration_seconds = [], 0, []
+        for iteration in range(iters):
+            started = time.perf_counter()
             partials = self._call([(s, "assign_partial", (centroids,), {}) for s in range(self.num_shards)])
             sums = np.sum([p["sums"] for p in partials], axis=0)
             counts = np.sum([p["counts"] for p in partials], axis=0)
@@ -581,6 +593,9 @@ class MemoryBank:
             alive = counts > 0
             centroids[alive] = (sums[alive] / counts[alive, None]).astype(np.float32)
             splits += split_empty_clusters(centroids, counts, rng)
+            iteration_seconds.append(time.perf_counter() - started)
+            report(f"k-means iteration {iteration + 1}/{iters}: inertia {history[-1]:.6g} "
+                   f"({iteration_seconds[-1]:.1f} s)")
         partials = self._call([(s, "set_clusters", (centroids,), {}) for s in range(self.num_shards)])
         final_inertia = float(sum(p["inertia"] for p in partials))
         self._broadcast_replicas(partials, centroids)
@@ -590,8 +605,27 @@ class MemoryBank:
         deltas, refilled = self._refill(np.flatnonzero(sizes == 0), sizes, rng)
         if deltas:
             self._broadcast_deltas(deltas)
+        self._call([(s, "count_clustering", (), {}) for s in range(self.num_shards)])
         return {"inertia": history + [final_inertia], "initial_centroids": seeds, "empty_splits": splits,
-                "final_refills": refilled}
+                "final_refills": refilled, "seed_seconds": seed_seconds, "iteration_seconds": iteration_seconds}
+
+    def clusterings(self) -> int:
+        """How many `init_clusters` runs have completed on this bank's shards (since they started)."""
+        return int(self._call([(0, "ping", (), {})])[0]["clusterings"])
+
+    def wait_clustered(self, after: int, poll_seconds: float = 1.0, progress=None,
+                       report_every: float = 60.0) -> None:
+        """Block until a k-means started elsewhere (another Ray Train rank's client) has completed,
+        i.e. `clusterings()` differs from `after` (the count read before it began; a restarted
+        shard 0 counts afresh, which also ends the wait rather than hanging it). It waits through
+        Ray, not in a process-group collective, so a long k-means never runs into
+        torch.distributed's timeout on the waiting ranks."""
+        started = last = time.perf_counter()
+        while self.clusterings() == after:
+            time.sleep(poll_seconds)
+            if progress is not None and time.perf_counter() - last >= report_every:
+                last = time.perf_counter()
+                progress(f"waiting for the bank's k-means ({time.perf_counter() - started:.0f} s)")
 
     def _sample_rows(self, count: int, rng: np.random.Generator) -> np.ndarray:
         ids = rng.choice(self.num_samples, size=count, replace=False)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-ASSIGN_CHUNK = 4096
+ASSIGN_CHUNK = 4096  # rows per assignment chunk, at most
+ASSIGN_BYTES = 128 << 20  # cap on the [chunk, C] score buffer (50k clusters: 655 rows)
 
 
 def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor,
@@ -21,9 +22,10 @@ def nearest_centroid(feats: torch.Tensor, centroids: torch.Tensor,
     centroids_t = centroids.T.contiguous()
     labels = torch.empty(feats.shape[0], dtype=torch.int64, device=feats.device)
     distances = torch.empty(feats.shape[0], dtype=torch.float64, device=feats.device)
-    buffer = torch.empty(min(ASSIGN_CHUNK, feats.shape[0]), centroids.shape[0], device=feats.device)
-    for start in range(0, feats.shape[0], ASSIGN_CHUNK):
-        chunk = feats[start:start + ASSIGN_CHUNK].to(torch.float32)
+    step = max(1, min(ASSIGN_CHUNK, ASSIGN_BYTES // (4 * centroids.shape[0])))
+    buffer = torch.empty(min(step, feats.shape[0]), centroids.shape[0], device=feats.device)
+    for start in range(0, feats.shape[0], step):
+        chunk = feats[start:start + step].to(torch.float32)
         score = buffer[:len(chunk)]
         torch.mm(chunk, centroids_t, out=score)  # [n, C]
         if metric == "euclidean":
@@ -51,7 +53,9 @@ def seed_centroids(points: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
 
 def kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding (Arthur & Vassilvitskii) on `points` [n, D]: each next centre drawn with
-    probability ∝ squared distance to the nearest chosen one."""
+    probability ∝ squared distance to the nearest chosen one. k sequential passes over the n points
+    (cost ∝ n·k·D on one process): for small banks; large ones seed from a random subset
+    (`MemoryBank.init_clusters(init="random")`, the default)."""
     n = points.shape[0]
     if k > n:
         raise ValueError(f"k-means++ needs at least k={k} points, got {n}")

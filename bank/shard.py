@@ -56,6 +56,7 @@ class BankShard:
         self.snapshot_root = snapshot_root
         self.true_labels = None if true_labels is None else torch.tensor(np.asarray(true_labels), dtype=torch.int64)
         self.generation = 0
+        self.clusterings = 0  # completed MemoryBank.init_clusters runs (other ranks wait on it)
         self.state_error: str | None = None
         self._empty_state()
         if _reconstructed():
@@ -115,7 +116,13 @@ class BankShard:
 
     def ping(self) -> dict:
         return {"shard": self.shard_index, "generation": self.generation, "rows": self.rows,
-                "step": self.step, "device": str(self.device), "error": self.state_error}
+                "step": self.step, "device": str(self.device), "error": self.state_error,
+                "clusterings": self.clusterings}
+
+    def count_clustering(self) -> int:
+        """A k-means run completed (its final assignment and replicas are in place)."""
+        self.clusterings += 1
+        return self.clusterings
 
     # --- reads and writes ----------------------------------------------------------------------
 

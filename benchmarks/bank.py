@@ -7,6 +7,7 @@ One "InterCLR bank step" = intra query (bank positive + K random negatives) + in
     python benchmarks/bank.py --n 200000                 # Ray shards (1 and 2) vs in-process, CPU
     python benchmarks/bank.py --n 1280000 --steps 3
     python benchmarks/bank.py --mode shard --n 1780000   # one shard's cost alone (no Ray), e.g. on a GPU
+    python benchmarks/bank.py --kmeans-only --n 400000 --clusters 10000   # k-means seeding + Lloyd step
 
 The in-process baseline (`MmselfsupStyleBank`) keeps the whole bank in the trainer, gathers B×K×D
 negative features for the intra branch, scans labels with `torch.where` per sample, and recomputes
@@ -129,8 +130,8 @@ def time_ray(args, shards: int) -> dict:
     kmeans_s = (time.perf_counter() - start) / (args.kmeans_iters + 1)  # + the final assignment pass
     out = {"threads_per_shard": threads, "kmeans_s_per_iter": round(kmeans_s, 2),
            "kmeans_inertia": result["inertia"][-1], "initial_centroids": result["initial_centroids"]}
-    # "blocking": the update waited for inside the step (before issue 17: 4 waits, now 3); "async": the
-    # trainer's path — update(block=False) after the optimiser step, completed by the next query. Between
+    # "blocking": the update waited for inside the step; "async": the trainer's path —
+    # update(block=False) after the optimiser step, completed by the next query. Between
     # steps the trainer sleeps --model-ms, a stand-in for forward + backward on a GPU (a sleep leaves the
     # CPU to the shards, as a GPU trainer would).
     for mode in ("blocking", "async"):
@@ -178,6 +179,48 @@ def faiss_kmeans(args, init: np.ndarray) -> dict:
     return {"kmeans_s_per_iter": round(seconds, 2), "kmeans_inertia": inertia}
 
 
+def time_kmeans(args) -> dict:
+    """The job's k-means (MemoryBank.init_clusters, seeded from a random subset, Lloyd steps on the
+    shards) against faiss-cpu's on the same data and seeds, and the k-means++ seeding it replaced,
+    timed at 1/8 of the sample and of the clusters and scaled by 64 (its cost ∝ sample · C)."""
+    import ray
+
+    from bank import MemoryBank
+    from bank.kmeans import kmeans_plus_plus
+    shards = max(int(s) for s in args.shards.split(","))
+    threads = max(1, (os.cpu_count() or 1) // shards)
+    bank = MemoryBank.create(args.n, args.dim, num_shards=shards, num_clusters=args.clusters, seed=0,
+                             threads_per_shard=threads, min_cluster=0)
+    feats, _ = random_bank(args.n, args.dim, args.clusters, 0, "cpu")
+    for start in range(0, args.n, 262144):
+        bank.set_features(np.arange(start, min(args.n, start + 262144)), feats[start:start + 262144])
+    result = bank.init_clusters(iters=args.kmeans_iters, init="random", seed=0)
+    out = {"shards": shards, "threads_per_shard": threads, "kmeans_seed_s": round(result["seed_seconds"], 3),
+           "kmeans_s_per_iter": round(float(np.mean(result["iteration_seconds"])), 2),
+           "kmeans_inertia": result["inertia"][-1]}
+    bank.shutdown()
+    ray.shutdown()
+    sample, centres = min(args.n, 40 * args.clusters) // 8, max(1, args.clusters // 8)
+    start = time.perf_counter()
+    kmeans_plus_plus(feats[:sample].numpy(), centres, np.random.default_rng(0))
+    measured = time.perf_counter() - start
+    out["kmeans_pp_seed"] = {"measured_s": round(measured, 2), "sample": sample, "clusters": centres,
+                             "extrapolated_s": round(64 * measured, 1),
+                             "for": {"sample": 8 * sample, "clusters": args.clusters}}
+    try:
+        import faiss
+    except ImportError:
+        return out
+    km = faiss.Kmeans(args.dim, args.clusters, niter=args.kmeans_iters, seed=0,
+                      max_points_per_centroid=args.n // args.clusters + 1)
+    start = time.perf_counter()
+    km.train(feats.numpy(), init_centroids=result["initial_centroids"])
+    out["faiss_cpu"] = {"kmeans_s_per_iter": round((time.perf_counter() - start) / max(1, args.kmeans_iters), 2),
+                        "threads": faiss.omp_get_max_threads()}
+    out["ratio_s_per_iter_vs_faiss"] = round(out["kmeans_s_per_iter"] / max(out["faiss_cpu"]["kmeans_s_per_iter"], 1e-9), 2)
+    return out
+
+
 def time_shard(args) -> dict:
     """One shard's cost without Ray: its share of a step when the bank has `args.total_shards`."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -213,6 +256,8 @@ def time_shard(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["ray", "shard", "baseline"], default="ray")
+    parser.add_argument("--kmeans-only", action="store_true",
+                        help="time the bank's k-means (seeding, s per Lloyd iteration) against faiss-cpu")
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--clusters", type=int, default=10_000)
@@ -229,6 +274,13 @@ def main() -> None:
     args = parser.parse_args()
     out = {"benchmark": "bank_step", "n": args.n, "dim": args.dim, "clusters": args.clusters,
            "batch": args.batch, "negatives": args.negatives, "cores": os.cpu_count()}
+    if args.kmeans_only:
+        import ray
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        out = {"benchmark": "bank_kmeans", "n": args.n, "dim": args.dim, "clusters": args.clusters,
+               "iters": args.kmeans_iters, "cores": os.cpu_count(), **time_kmeans(args)}
+        print(json.dumps(out, indent=1))
+        return
     if args.mode == "shard":
         out["shard"] = time_shard(args)
         print(json.dumps(out, indent=1))

@@ -22,6 +22,7 @@ How it runs (and why it survives a kill):
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import multiprocessing as mp
@@ -140,6 +141,26 @@ def write_shard(out: str, split: str, shard_number: int, first_position: int,
     does not exist is an error, not a rejected image: the driver listed it, so the node sees other storage."""
     name = f"{split}-{shard_number:06d}"
     tar_path = os.path.join(out, f"{name}.tar")
+    try:
+        return _write_shard(out, name, tar_path, first_position, items, node)
+    except OSError as exc:  # the source's read errors are rejects inside; this is OUT failing
+        try:
+            os.unlink(tar_path + ".partial")  # frees the space on ENOSPC; on EROFS it was never there
+        except OSError:
+            pass
+        raise ConversionError(write_error(exc, tar_path + ".partial")) from None
+
+
+def write_error(exc: OSError, path: str) -> str:
+    """One line for a write to OUT that failed (full disk, read-only or unwritable storage)."""
+    code = errno.errorcode.get(exc.errno, "")
+    reason = f"{exc.strerror} ({code})" if exc.strerror else str(exc)
+    return (f"cannot write {exc.filename or path}: {reason}; shards already written are kept: "
+            "free space or make OUT writable, then rerun with --resume")
+
+
+def _write_shard(out: str, name: str, tar_path: str, first_position: int,
+                 items: list[sources.SourceItem], node: dict | None) -> dict:
     writer = ShardWriter(tar_path + ".partial")
     rejected, pending = [], 0
     for position, item in enumerate(items, start=first_position):
@@ -228,9 +249,12 @@ def convert(fmt: str, src: Path, out: Path, split: str = "train", *, list_file: 
                                   "(rerun with the same options, or choose another OUT)")
     elif any(out.glob(f"{split}-*.tar")):
         raise ConversionError(f"{out} holds {split} shards from another tool or run; choose another OUT")
-    (out / "index").mkdir(parents=True, exist_ok=True)
-    state.mkdir(exist_ok=True)
-    write_atomic(str(plan_path), json.dumps(plan_info, indent=1).encode())
+    try:
+        (out / "index").mkdir(parents=True, exist_ok=True)
+        state.mkdir(exist_ok=True)
+        write_atomic(str(plan_path), json.dumps(plan_info, indent=1).encode())
+    except OSError as exc:
+        raise ConversionError(write_error(exc, str(plan_path))) from None
 
     shards = plan_shards(listing.items, seed, limit, shard_size, max_count, imbalance)
     starts = np.cumsum([0] + [len(s) for s in shards])
@@ -258,7 +282,13 @@ def convert(fmt: str, src: Path, out: Path, split: str = "train", *, list_file: 
     progress.close()
     if ray_address is not None and todo:
         log(f"ray: {len(todo)} shards written on {len(nodes)} nodes")
-    summary = finalize(out, split, len(shards), listing.classes, listing.rejected)
+    try:  # the shard list (OUT/<split>.json) is written last: a failed finalize lists nothing
+        summary = finalize(out, split, len(shards), listing.classes, listing.rejected)
+    except OSError as exc:
+        raise ConversionError(write_error(exc, str(out))) from None
+    except manifest_lib.lmdb.Error as exc:
+        raise ConversionError(f"cannot write {out / 'manifest.lmdb'}: {exc}; shards already written are kept: "
+                              "free space or make OUT writable, then rerun with --resume") from None
     seconds = time.monotonic() - started
     summary_rate = (total - done_before) / seconds if seconds > 0 else 0.0
     log(f"done: {summary['count']} samples in {len(summary['shards'])} shards "
@@ -279,11 +309,15 @@ def _write_all(jobs, workers, progress) -> None:
     done_before = progress.done
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool:
         pending = {pool.submit(write_shard, *job) for job in jobs}
-        while pending:
-            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for future in finished:
-                future.result()  # re-raise a worker failure here
-            progress.update(done_before + counter.value - progress.done)
+        try:
+            while pending:
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    future.result()  # re-raise a worker failure here
+                progress.update(done_before + counter.value - progress.done)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the shards in flight finish, no new ones start
+            raise
 
 
 @contextmanager

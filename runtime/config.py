@@ -80,6 +80,7 @@ class BankConfig:
     labels: str = "online"  # online (relabel every update) | offline (k-means each epoch, labels fixed between)
     dtype: str = "float32"
     kmeans_iters: int = 10
+    kmeans_init: str = "random"  # random (faiss's seeding, scales) | kmeans++ (C passes on rank 0: small banks)
     init: str = "extract"  # "extract": one pass of the initial encoder over the data; "random": unit noise
     gpus_per_shard: float = 0.0
 
@@ -151,7 +152,7 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "b
 # Every other key applies to every method. print_config shows a method's keys only, and a key set by
 # the user (--set, a flag, a config file) that the method does not read is a ConfigError.
 _BANK = ("bank.shards", "bank.dtype", "bank.init", "bank.gpus_per_shard")
-_CLUSTERS = ("bank.clusters", "bank.min_cluster", "bank.labels", "bank.kmeans_iters")
+_CLUSTERS = ("bank.clusters", "bank.min_cluster", "bank.labels", "bank.kmeans_iters", "bank.kmeans_init")
 _KEY_ENCODER = ("method.queue_size", "method.key_momentum", "model.shuffle_bn", "model.bn_splits")
 METHOD_KEYS = {
     "simclr": ("method.temperature", "method.gather", "method.loss", "method.positives"),
@@ -364,6 +365,8 @@ def validate(config: JobConfig) -> JobConfig:
          f"method.loss=cmc (multi-view CL)"),
         (config.bank.labels in ("online", "offline"),
          f"bank.labels must be online or offline, got {config.bank.labels!r}"),
+        (config.bank.kmeans_init in ("random", "kmeans++"),
+         f"bank.kmeans_init must be random or kmeans++, got {config.bank.kmeans_init!r}"),
         (config.bank.init in ("extract", "random"), f"bank.init must be extract or random, got {config.bank.init!r}"),
         (config.data.min_crop_scale is None or 0 < config.data.min_crop_scale <= 1,
          f"data.min_crop_scale must be in (0, 1], got {config.data.min_crop_scale}"),

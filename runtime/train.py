@@ -126,9 +126,8 @@ def initialise_banks(method, banks, batches: Batches, device, steps: int, config
                 bank.set_features(ids, torch.nn.functional.normalize(
                     torch.randn(len(ids), bank.dim, generator=generator), dim=1))
     barrier()
-    if rank == 0 and getattr(method, "warmup_epochs", 0) == 0:
-        cluster_banks(method, banks, config)
-    barrier()
+    if getattr(method, "warmup_epochs", 0) == 0:
+        cluster_banks(method, banks, config, rank)
 
 
 def prime_queue(method, batches: Batches, device, config: JobConfig, precision: Precision) -> None:
@@ -144,10 +143,22 @@ def prime_queue(method, batches: Batches, device, config: JobConfig, precision: 
             method.prime(to_device(batch, device, config.model.channels_last))
 
 
-def cluster_banks(method, banks, config: JobConfig, epoch: int = 0) -> None:
-    for bank, request in zip(banks, method.bank_requests()):
-        if request.clusters:
-            bank.init_clusters(iters=config.bank.kmeans_iters, seed=config.train.seed + epoch)
+def cluster_banks(method, banks, config: JobConfig, rank: int, epoch: int = 0) -> None:
+    """Rank 0 runs the global k-means (the shards do the work, bank.client.MemoryBank.init_clusters);
+    the other ranks wait for it through the bank (`wait_clustered`), not in a process-group
+    barrier, so a k-means longer than torch.distributed's timeout (30 min by default) does not
+    abort the job. Every rank reads the completed-run count before the first barrier, so none can
+    mistake an earlier run for this one."""
+    clustered = [bank for bank, request in zip(banks, method.bank_requests()) if request.clusters]
+    before = [bank.clusterings() for bank in clustered]
+    barrier()
+    for bank, count in zip(clustered, before):
+        if rank == 0:
+            bank.init_clusters(iters=config.bank.kmeans_iters, init=config.bank.kmeans_init,
+                               seed=config.train.seed + epoch, progress=lambda m: print(m, flush=True))
+        else:
+            bank.wait_clustered(count)
+    barrier()
 
 
 def clustering_due(method, config: JobConfig, epoch: int) -> bool:
@@ -282,9 +293,7 @@ def train(worker: Worker, step: int) -> int:
     while step < w.last_step:
         epoch, skip = divmod(step, w.steps_per_epoch)
         if skip == 0 and clustering_due(w.method, config, epoch):
-            if w.rank == 0:
-                cluster_banks(w.method, w.banks, config, epoch)
-            barrier()
+            cluster_banks(w.method, w.banks, config, w.rank, epoch)
         for batch in w.batches.epoch(epoch, w.steps_per_epoch, skip):
             lr = w.optimizer.param_groups[0]["lr"]
             result = train_step(w.method, w.model, w.optimizer, w.schedule, w.precision,

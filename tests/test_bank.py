@@ -3,6 +3,7 @@ sampling semantics on known geometry, exact folded gradients, shard failure, bad
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -96,6 +97,45 @@ def test_distributed_kmeans_recovers_blobs_and_matches_faiss_inertia(make_bank):
     ours, theirs = inertia(bank.centroids()), inertia(reference.centroids)
     assert abs(ours - theirs) <= 0.01 * theirs
     assert result["inertia"][-1] == pytest.approx(ours, rel=1e-4)
+
+
+def test_waiting_ranks_return_only_after_another_clients_kmeans_has_completed(make_bank):
+    """The other Train ranks wait through the bank (runtime.train.cluster_banks): wait_clustered
+    must block while rank 0's k-means runs and return once its final labels are in place."""
+    import threading
+    x, _ = blobs(600, 6, 8, noise=0.3, seed=7)
+    bank = make_bank(600, 8, num_shards=2, num_clusters=6, seed=7)
+    bank.set_features(np.arange(600), x)
+    before = bank.clusterings()
+    done = {}
+
+    def rank_zero():
+        time.sleep(0.5)
+        bank.init_clusters(iters=4)
+        done["labels"] = bank.labels(np.arange(600)).numpy()
+
+    worker = threading.Thread(target=rank_zero)
+    started = time.perf_counter()
+    worker.start()
+    bank.wait_clustered(before, poll_seconds=0.05)
+    waited = time.perf_counter() - started
+    seen = bank.labels(np.arange(600)).numpy()
+    worker.join()
+    assert waited >= 0.5 and bank.clusterings() == before + 1
+    np.testing.assert_array_equal(seen, done["labels"])  # not a half-finished clustering
+    assert np.bincount(seen, minlength=6).min() > 0
+
+
+def test_kmeans_reports_progress_and_refuses_an_unknown_seeding(make_bank):
+    x, _ = blobs(300, 3, 8, noise=0.3, seed=8)
+    bank = make_bank(300, 8, num_clusters=3, seed=8)
+    bank.set_features(np.arange(300), x)
+    messages = []
+    result = bank.init_clusters(iters=3, progress=messages.append)
+    assert len(messages) == 4 and "seeded (random)" in messages[0] and "iteration 3/3" in messages[-1]
+    assert len(result["iteration_seconds"]) == 3 and result["seed_seconds"] >= 0
+    with pytest.raises(ValueError, match="init must be 'random' or 'kmeans\\+\\+'"):
+        bank.init_clusters(iters=1, init="forgy")
 
 
 def test_empty_clusters_are_split_from_large_ones(make_bank):
@@ -222,14 +262,22 @@ def test_small_clusters_are_dissolved_into_the_most_similar_remaining_centroid(m
     assert_replicas_are_member_means(bank)
 
 
-def test_nmi_does_not_fall_over_50_updates_of_drifting_blobs_with_upkeep(make_bank):
+def test_clusters_stay_pure_over_50_updates_of_drifting_blobs_with_upkeep(make_bank):
+    """10 true blobs, 20 clusters, the features turned 2.5 rad in all: the centroids must follow.
+
+    The measure is homogeneity (each cluster holds one true blob), not NMI: with k = 2x the true
+    classes, upkeep's refills split big blobs to keep every cluster >= min_cluster, which costs
+    completeness by design (about 0.03 here) while homogeneity stays 1.0. Centroids that did not
+    follow the drift would assign rows to stale centroids and mix blobs, which homogeneity catches.
+    """
     from sklearn.datasets import make_blobs
+    from sklearn.metrics import homogeneity_score
     x, truth = make_blobs(1000, 16, centers=10, cluster_std=2.0, random_state=0)
     x -= x.mean(0)
     bank = make_bank(1000, 16, num_shards=2, num_clusters=20, seed=0, true_labels=truth, min_cluster=20)
     bank.set_features(np.arange(1000), x)
     bank.init_clusters(iters=10)
-    start = bank.stats()["nmi"]
+    assert homogeneity_score(truth, bank.labels(np.arange(1000)).numpy()) > 0.98
     rng = np.random.default_rng(0)
     basis = np.linalg.qr(rng.normal(size=(16, 16)))[0]
     turn = np.eye(16)
@@ -243,7 +291,8 @@ def test_nmi_does_not_fall_over_50_updates_of_drifting_blobs_with_upkeep(make_ba
     stats = bank.stats()
     assert stats["upkeep_refilled"] > 0  # upkeep did run
     assert stats["empty_clusters"] == 0 and stats["cluster_size_min"] >= 20
-    assert stats["nmi"] >= start - 0.02
+    assert homogeneity_score(truth, bank.labels(np.arange(1000)).numpy()) > 0.98
+    assert stats["nmi"] > 0.8
     assert_replicas_are_member_means(bank)
 
 

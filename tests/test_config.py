@@ -17,6 +17,7 @@ from runtime.config import (METHOD_NAMES, PRESET_FILES, PRESETS, ConfigError, Jo
     ("moco", ["method.loss=cmc"], "method.loss=cmc is a SimCLR loss"),
     ("simclr", ["method.positives=4"], "more than one positive is CACR's, or SimCLR's with method.loss=cmc"),
     ("interclr", ["bank.labels=sometimes"], "bank.labels must be online or offline, got 'sometimes'"),
+    ("interclr", ["bank.kmeans_init=forgy"], "bank.kmeans_init must be random or kmeans++, got 'forgy'"),
 ])
 def test_bad_values_are_one_line_config_errors(method, sets, message):
     argv = ["--preset", "demo"] + [arg for item in sets for arg in ("--set", item)]

@@ -2,6 +2,7 @@
 DALI and webdataset read the shards, kill + --resume, rejects and one-line errors."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -311,3 +312,58 @@ def test_imbalanced_conversion_keeps_each_class_by_its_rule(tmp_path, rule):
     expected = np.maximum(1, np.round(10 * class_fractions(rule, 5))).astype(int)
     assert counts.tolist() == expected.tolist()
     assert rule != "linear" or counts.tolist() == [2, 4, 6, 8, 10]
+
+
+class FailingFile:
+    """A shard's file whose writes fail with `code` once `after` bytes are written (a disk that fills
+    up, storage remounted read-only); everything else goes to the real file."""
+
+    def __init__(self, real, code: int, after: int):
+        self.real, self.code, self.left = real, code, after
+
+    def write(self, data):
+        if len(data) > self.left:
+            raise OSError(self.code, os.strerror(self.code))
+        self.left -= len(data)
+        return self.real.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("code,reason", [(errno.ENOSPC, "No space left on device (ENOSPC)"),
+                                         (errno.EROFS, "Read-only file system (EROFS)")])
+def test_a_write_failing_at_shard_k_is_one_error_lists_nothing_and_resume_completes(
+        tmp_path, monkeypatch, capsys, code, reason):
+    import pipeline.convert as convert_module
+    from pipeline.shards import ShardWriter
+    expected = datasets.make_imagenet(tmp_path / "src", per_class=9)  # 90 images: 15 shards of 6
+    out = tmp_path / "out"
+    args = ["imagenet", str(tmp_path / "src"), str(out), "--split", "train", "--max-count", "6", "--workers", "2"]
+
+    class FailingAtShard4(ShardWriter):
+        def __init__(self, path):
+            super().__init__(path)
+            if os.path.basename(path) == "train-000004.tar.partial":
+                self._tar.fileobj = FailingFile(self._file, code, after=3000)  # inside the first image
+
+    monkeypatch.setattr(convert_module, "ShardWriter", FailingAtShard4)
+    assert convert_module.main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err
+    assert f"cannot write {out / 'train-000004.tar.partial'}: {reason}" in errors[0]
+    assert "rerun with --resume" in errors[0]
+    # nothing half-written is listed: no shard list, no manifest, no record or file of shard 4
+    assert not (out / "train.json").exists() and not (out / "manifest.lmdb").exists()
+    assert not (out / ".convert" / "train-000004.json").exists() and not (out / "train-000004.tar").exists()
+    assert not list(out.rglob("*.partial"))
+
+    monkeypatch.setattr(convert_module, "ShardWriter", ShardWriter)  # the disk has space again
+    assert convert_module.main([*args, "--resume"]) == 0
+    assert "resume:" in capsys.readouterr().err
+    assert_exactly_once(read_split(out, "train"), expected)
+    clean = tmp_path / "clean"
+    assert convert_module.main([*args[:2], str(clean), *args[3:]]) == 0
+    for tar in sorted(clean.glob("train-*.tar")):  # the same bytes as a run that never failed
+        assert (out / tar.name).read_bytes() == tar.read_bytes(), tar.name

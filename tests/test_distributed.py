@@ -73,6 +73,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         x = bn_inputs()[rank * BN_ROWS // WORLD_SIZE:(rank + 1) * BN_ROWS // WORLD_SIZE]
         results["keys"] = shuffled_forward(torch.nn.BatchNorm1d(3, affine=False).double(), x, generator=generator)
         torch.save(results, f"{out_dir}/{rank}.pt")
+        # both ranks done before either tears gloo down: a rank that destroys the group while the
+        # other still talks to rank 0's store aborts with "terminate called without an active exception"
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

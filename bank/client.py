@@ -183,12 +183,14 @@ class MemoryBank:
         shard_of = ids % self.num_shards
         return [np.flatnonzero(shard_of == s) for s in range(self.num_shards)]
 
-    def _call(self, calls):
+    def _call(self, calls, retry: bool = True):
         """calls: list of (shard_index, method, args, kwargs). One ray.get for the fan-out, which also
         completes a pending asynchronous update (`update(block=False)`); when that update left a
         cluster below `min_cluster`, upkeep runs after this call's answers are in. If a shard died
         or restarted, restore every shard from the last snapshot and retry once (a pending update is
-        then lost with the rest of the state since the snapshot)."""
+        then lost with the rest of the state since the snapshot). With `retry=False` (a snapshot being
+        written) the shards are restored the same way, then BankStateError: a retry would write the
+        restored, older state under the new snapshot's name."""
         for attempt in (0, 1):
             start = time.perf_counter()
             refs = [getattr(self.shards[s], m).remote(*a, **k) for s, m, a, k in calls]
@@ -201,6 +203,10 @@ class MemoryBank:
                 log.warning("bank shard failure (%s); restoring all shards from the last snapshot",
                             str(exc).splitlines()[0])
                 self._recover()
+                if not retry:
+                    raise BankStateError(f"a bank shard failed during {calls[0][1] if calls else 'a call'} "
+                                         f"({str(exc).splitlines()[0]}); every shard was restored from the "
+                                         "last snapshot, which is intact") from None
                 continue
             cue, results = (answers[0] if pending else None), answers[len(pending):]
             self.round_trips += 1
@@ -234,6 +240,8 @@ class MemoryBank:
 
     def restore(self, directory: str) -> None:
         """Load every shard from a `save()` snapshot (same number of shards and samples)."""
+        if not (Path(directory) / "bank.json").exists():  # written after every shard's file
+            raise BankStateError(f"{directory} is not a complete bank snapshot (no bank.json)")
         meta = json.loads((Path(directory) / "bank.json").read_text())
         if (meta["num_samples"], meta["dim"], meta["num_shards"]) != (self.num_samples, self.dim, self.num_shards):
             raise BankStateError(f"snapshot {directory} holds {meta['num_samples']}×{meta['dim']} on "
@@ -669,7 +677,9 @@ class MemoryBank:
             step = self.stats()["step"]
             directory = str(Path(root) / f"step-{step:09d}")
         Path(directory).mkdir(parents=True, exist_ok=True)
-        self._call([(s, "save", (directory,), {}) for s in range(self.num_shards)])
+        # a shard lost while the snapshot is written: BankStateError, with no bank.json in `directory`
+        # (not a snapshot: `load` refuses it) and LATEST still naming the previous one
+        self._call([(s, "save", (directory,), {}) for s in range(self.num_shards)], retry=False)
         (Path(directory) / "bank.json").write_text(json.dumps(self.config, indent=1))
         if root is not None and Path(directory).resolve().parent == Path(root).resolve():
             tmp = Path(root) / "LATEST.partial"

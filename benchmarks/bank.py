@@ -249,8 +249,52 @@ def time_shard(args) -> dict:
         synchronize(device)
         if step:
             times.append(time.perf_counter() - start)
-    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "rows": args.n, "negatives_share": share, "ms_per_step": round(1000 * float(np.median(times)), 2)}
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+           "rows": args.n, "negatives_share": share, "ms_per_step": round(1000 * float(np.median(times)), 2)}
+    out.update(time_selection(args, shard, share, device))
+    return out
+
+
+def time_selection(args, shard, share: int, device: str) -> dict:
+    """The semi-hard draw alone on one similarity chunk, against mmselfsup 0.x's (interclr_moco.py
+    `contrast_inter`: `topk(similarity, pool)` then `multinomial` over the pool, without its
+    same-cluster redraw loop, so the reference is timed cheaper than it is); and, for a half-precision
+    shard, the similarities against widening the whole shard to float32 first (the previous code)."""
+    from bank.shard import SCORE_BYTES
+    rows = max(1, min(args.batch, SCORE_BYTES // (4 * args.n)))
+    ids = np.random.default_rng(99).choice(args.n, rows, replace=False)
+    q = torch.nn.functional.normalize(torch.randn(rows, args.dim, device=device), dim=1)
+    labels = torch.as_tensor(shard.get_labels(ids), device=device)
+    anchors = torch.as_tensor(ids, device=device)
+    shares = torch.full((rows,), share, device=device)
+    pool = math.ceil(0.1 * args.n)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def timed(fn, repeats=3):
+        fn()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        synchronize(device)
+        return 1000 * (time.perf_counter() - start) / repeats
+
+    sims = shard._similarity_fn()(q)
+    ours = timed(lambda: shard._sample_by_similarity(sims.clone(), labels, anchors, shares, "semi_hard", 0.1, g))
+
+    def reference():
+        _, pool_ids = torch.topk(sims, pool, dim=1, sorted=False)
+        picks = torch.multinomial(torch.ones(rows, pool, device=device), share)
+        return torch.gather(pool_ids, 1, picks)
+    theirs = timed(reference)
+    out = {"selection": {"queries": rows, "pool": pool, "share": share, "ms": round(ours, 2),
+                         "mmselfsup_topk_multinomial_ms": round(theirs, 2), "ratio": round(ours / theirs, 3)}}
+    if shard.feats.dtype != torch.float32:
+        widened = timed(lambda: q @ shard.feats.float().T)
+        direct = timed(lambda: shard._similarity_fn()(q))
+        out["similarities"] = {"ms": round(direct, 2), "widen_whole_shard_ms": round(widened, 2),
+                               "ratio": round(direct / widened, 3)}
+    return out
 
 
 def main() -> None:

@@ -484,6 +484,7 @@ def linear_probe(run_dir: Path, config, probe_root: Path, epochs: int) -> float:
     """jobs/linear_eval.py on a probe folder: the run's config with data.root = the full split and
     its last checkpoint linked in (linear_eval reads both from the folder it is given)."""
     from jobs import linear_eval
+    from runtime import runs
     from runtime.config import JobConfig
     probe_dir = run_dir.parent / f"{run_dir.name}-probe"
     probe_config = JobConfig.from_dict(config.to_dict())
@@ -493,7 +494,7 @@ def linear_probe(run_dir: Path, config, probe_root: Path, epochs: int) -> float:
     (probe_dir / "config.json").write_text(json.dumps(probe_config.to_dict(), indent=1))
     if link.is_symlink() or link.exists():
         link.unlink()
-    link.symlink_to(linear_eval.latest_checkpoint(run_dir).resolve())
+    link.symlink_to(runs.latest_checkpoint(run_dir).resolve())
     status = linear_eval.main([str(probe_dir), "--epochs", str(epochs)])
     if status != 0:
         raise RuntimeError(f"jobs/linear_eval.py {probe_dir} exited {status}")

@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.linear_eval import latest_checkpoint  # noqa: E402
+from runtime.runs import RunError, load_run  # noqa: E402
 
 CHANNELS = {"lab": ("l", "a", "b"), "ydbdr": ("y", "db", "dr")}  # CMC's colour spaces, channel by channel
 
 
-class ExportError(ValueError):
+class ExportError(RunError):
     """A run that cannot be exported: the job prints `error: <message>` and exits 2."""
 
 
@@ -105,46 +105,6 @@ def online_modules(method) -> tuple[dict, dict]:
     return {"backbone": method.backbone}, heads
 
 
-def num_classes(config, model_state: dict) -> int | None:
-    """The train split's classes from its manifest; else the supervised classifier's rows; else None."""
-    from pipeline.manifest import Manifest, ManifestError
-    try:
-        manifest = Manifest(config.data.root, config.data.train_split)
-    except ManifestError:
-        classifier = model_state.get("classifier.weight")
-        return None if classifier is None else int(classifier.shape[0])
-    count = len(manifest.classes)
-    manifest.close()
-    return count
-
-
-def load_run(run_dir: Path):
-    """(config, checkpoint path, checkpoint dict, number of classes or None, the method with the
-    checkpoint's weights)."""
-    import torch
-
-    from runtime.build import build_method
-    from runtime.config import JobConfig
-    if not run_dir.is_dir():
-        raise ExportError(f"run folder {run_dir} not found")
-    if not (run_dir / "config.json").is_file():
-        raise ExportError(f"{run_dir} has no config.json (is it a viewbank run folder?)")
-    config = JobConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    try:
-        checkpoint = latest_checkpoint(run_dir)
-    except FileNotFoundError as exc:
-        raise ExportError(str(exc)) from None
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    classes = num_classes(config, state["model"])
-    method = build_method(config, classes)
-    try:
-        method.load_state_dict(state["model"])  # strict, as a resume loads it
-    except RuntimeError as exc:
-        detail = str(exc).splitlines()[-1].strip()[:200]  # the first missing / unexpected / mismatched keys
-        raise ExportError(f"{checkpoint} does not fit the method {run_dir / 'config.json'} builds: {detail}") from None
-    return config, checkpoint, state, classes, method
-
-
 def export(run_dir: Path, out_dir: Path, force: bool = False, log=print) -> dict:
     """Write OUT's state_dicts and export.json; returns export.json's content."""
     import torch
@@ -212,7 +172,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         export(args.run, args.out, args.force)
-    except ExportError as exc:
+    except RunError as exc:  # ExportError is one
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

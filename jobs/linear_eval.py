@@ -44,25 +44,6 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def checkpoint_step(checkpoint: Path) -> int:
-    """The training step of a checkpoint_*/model.pt: its meta.json (runtime.train.report), else the
-    step saved in model.pt (a checkpoint folder holding model.pt alone)."""
-    meta = checkpoint.parent / "meta.json"
-    if meta.is_file():
-        return int(json.loads(meta.read_text())["step"])
-    import torch
-    return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["step"])
-
-
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint_*/model.pt of the highest step (the newest file among equal steps): a copied
-    or restored run folder does not keep the order of its files' times."""
-    checkpoints = list(run_dir.glob("checkpoint_*/model.pt"))
-    if not checkpoints:
-        raise FileNotFoundError(f"no checkpoint_*/model.pt under {run_dir} (is it a viewbank run folder?)")
-    return max(checkpoints, key=lambda p: (checkpoint_step(p), p.stat().st_mtime))
-
-
 def standard_loaders(root, train_split: str, val_split: str, size: int, space: str | None, batch_size: int,
                      seed: int = 0, drop_last: bool = False, device: str = "cpu", num_threads: int = 2):
     """(train, val) DALI loaders of the standard protocol: RandomResizedCrop (scale 0.08-1) + flip,
@@ -184,13 +165,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from jobs.export import ExportError, load_run
+    from runtime.runs import RunError, load_run
     from runtime.config import ConfigError
     from runtime.driver import check_inputs
     try:
         config, checkpoint, state, _, method = load_run(args.run)
         _, _, classes = check_inputs(config)  # the data is there; the classes of its manifest
-    except (ExportError, ConfigError) as exc:
+    except (RunError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -38,7 +38,7 @@ import numpy as np
 from pipeline import manifest as manifest_lib
 from pipeline import sources
 from pipeline.shards import ImageRejected, ShardWriter, patch_ids, prepare_image, write_atomic
-from runtime.progress import Progress
+from pipeline.progress import Progress
 
 DEFAULT_SHARD_SIZE = 1_000_000_000
 TAR_OVERHEAD_PER_SAMPLE = 4 * 512 + 3 * 512  # four headers plus padding of the small members
@@ -324,15 +324,14 @@ def _write_all(jobs, workers, progress) -> None:
 def _ray_connection(address: str):
     """Connect to the cluster at `address` unless this process already is (a `ray job`, whose own
     runtime env carries the code); disconnect only what was connected here. Yields the `ray` module.
-    The code (pipeline/, runtime/) travels with the connection; its Python packages (Pillow, numpy,
-    lmdb, tqdm) must be installed on every node."""
+    The code (pipeline/) travels with the connection; its Python packages (Pillow, numpy, lmdb,
+    tqdm) must be installed on every node."""
     import ray
 
-    import runtime
     if ray.is_initialized():
         yield ray
         return
-    code = [str(Path(__file__).parent), str(Path(runtime.__file__).parent)]
+    code = [str(Path(__file__).parent)]
     try:
         ray.init(address=address, configure_logging=False, runtime_env={"py_modules": code})
     except ConnectionError as exc:
@@ -347,11 +346,11 @@ def _ray_connection(address: str):
 def _write_all_on_ray(jobs, workers, progress) -> set[str]:
     """One Ray task per shard (num_cpus=1), at most `workers` in flight so the item lists of a 14M-image
     plan are not all in the object store at once. The slots are dealt over the alive nodes, one per
-    CPU (runtime.placement: every node writes, a node that dies hands its shards on); a slot whose
+    CPU (pipeline.placement: every node writes, a node that dies hands its shards on); a slot whose
     shard is written takes the next one. Returns the ids of the nodes that wrote them."""
     import ray
 
-    from runtime.placement import deal, node_capacity, pinned
+    from pipeline.placement import deal, node_capacity, pinned
     task = ray.remote(write_shard_on_node)
     slots = deal(node_capacity(ray.nodes(), "CPU"), workers)
     if not slots:

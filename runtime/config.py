@@ -460,5 +460,7 @@ def method_view(config: JobConfig) -> dict:
 
 
 def print_config(config: JobConfig, stream=None) -> None:
-    """The keys the method reads, as JSON (a config file again); the run's config.json holds every key."""
-    print(json.dumps(method_view(config), indent=1), file=stream or sys.stdout, flush=True)
+    """The keys the method reads, as YAML in the config files' layout (save it and pass it back with
+    --config); the run's config.json holds every key."""
+    print(yaml.safe_dump(method_view(config), sort_keys=False, default_flow_style=False).rstrip(),
+          file=stream or sys.stdout, flush=True)

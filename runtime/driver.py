@@ -29,17 +29,20 @@ def worker_resources(config: JobConfig) -> dict:
 
 def reserve_gpus(config: JobConfig, nodes: list[dict], num_banks: int):
     """The GPUs the Train workers share with the bank shards and GPU loader actors, each shard on a GPU
-    of its own beside a worker (runtime.placement `GpuReservation`: why placement groups), planned by
+    of its own beside a worker (pipeline.placement `GpuReservation`: why placement groups), planned by
     pre-flight's per-GPU check; release() when the job ends."""
-    from runtime.placement import GpuReservation
+    from pipeline.placement import GpuReservation, PlacementError
     from runtime.preflight import check_gpu_packing
-    return GpuReservation.create(check_gpu_packing(config, nodes, num_banks))
+    try:
+        return GpuReservation.create(check_gpu_packing(config, nodes, num_banks))
+    except PlacementError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def bank_actor_options(config: JobConfig, nodes: list[dict], gpus, bank: int, num_banks: int) -> list[dict]:
     """Ray actor options of each shard of bank `bank`: its slot of `gpus` (a GpuReservation) for GPU
-    shards; CPU shards dealt over the nodes and pinned there (runtime.placement: why hard)."""
-    from runtime.placement import deal, node_capacity, pinned
+    shards; CPU shards dealt over the nodes and pinned there (pipeline.placement: why hard)."""
+    from pipeline.placement import deal, node_capacity, pinned
     shards = range(bank * config.bank.shards, (bank + 1) * config.bank.shards)
     if config.bank.gpus_per_shard:
         return [gpus.shard_options(shard) for shard in shards]
@@ -168,8 +171,8 @@ def run(config: JobConfig, address: str | None = None) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"summary: {run_dir / 'summary.json'}")
     rate, wait = summary.get("img_per_s"), summary.get("data_wait_fraction")
-    print(f"img/s {rate if rate is not None else float('nan'):.1f} | data-wait "
-          f"{wait if wait is not None else float('nan'):.1%} | wall {summary['wall_seconds']:.0f} s")
+    measured = f"img/s {rate:.1f} | data-wait {wait:.1%} | " if rate is not None and wait is not None else ""
+    print(f"{measured}wall {summary['wall_seconds']:.0f} s")  # no step trained here: no rate to print
     pixels = f" | pixels {summary['knn_top1_pixels']:.3f}" if "knn_top1_pixels" in summary else ""
     print(f"kNN top-1: trained {summary['knn_top1']:.3f} | random init {summary['knn_top1_random_init']:.3f}{pixels}")
     return summary

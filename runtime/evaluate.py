@@ -195,7 +195,7 @@ def knn_on_workers(backbone: torch.nn.Module, config, space: str | None, rank: i
     are all-gathered, each rank finds every val image's k nearest in its memory share, rank 0 merges
     them and votes. Rank 0 gets (top1, merged neighbours, (val feats, labels, ids), its memory ids,
     the memory's size); the other ranks None. The backbone is left in eval mode."""
-    from runtime.progress import Progress
+    from pipeline.progress import Progress
     d, e = config.data, config.eval
 
     def features(split: str):

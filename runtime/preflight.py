@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime import placement
+from pipeline import placement
 from runtime.config import ConfigError, JobConfig
 
 
@@ -127,7 +127,7 @@ def check_devices(config: JobConfig) -> None:
 
 
 def gpu_slots(config: JobConfig, num_banks: int) -> list[placement.GpuSlot]:
-    """The job's GPUs and what shares each (`runtime.placement.gpu_slots`): the Train workers, their
+    """The job's GPUs and what shares each (`pipeline.placement.gpu_slots`): the Train workers, their
     GPU loader actors and the `num_banks` banks' shards."""
     t, d, b = config.train, config.data, config.bank
     gpu_loaders = d.device == "gpu" and d.loaders > 0
@@ -138,7 +138,7 @@ def gpu_slots(config: JobConfig, num_banks: int) -> list[placement.GpuSlot]:
 
 def check_gpu_packing(config: JobConfig, nodes: list[dict], num_banks: int) -> list[placement.GpuSlot]:
     """Per GPU, not in total: what shares one GPU must fit in it, no two Train workers or bank shards
-    share one, and every GPU of the plan (with its CPUs) must find a node (`runtime.placement.assign_nodes`).
+    share one, and every GPU of the plan (with its CPUs) must find a node (`pipeline.placement.assign_nodes`).
     Returns the slots, their nodes set."""
     t, d = config.train, config.data
     if t.use_gpu and t.num_workers > 1 and t.gpus_per_worker <= 0.5:
@@ -171,7 +171,7 @@ def check_shared_storage(directory: Path, nodes: list[dict], read=None, timeout:
     checkpoints, the workers' eval.json, the bank snapshots) must be the same folder on every node: a
     marker the driver writes there is read back by a zero-CPU task pinned to each alive node. A node
     that does not see it is a one-line ConfigError naming the node. Returns the alive nodes' ids.
-    `read(path, node_ids, timeout) -> {node id: text}` is `runtime.placement.read_on_nodes`."""
+    `read(path, node_ids, timeout) -> {node id: text}` is `pipeline.placement.read_on_nodes`."""
     import secrets
     alive = [node for node in nodes if node.get("Alive", True)]
     if len(alive) < 2:

@@ -434,8 +434,8 @@ class MetricsLogger:
         record = {"step": step, "epoch": epoch, "lr": lr}
         if not result.applied:
             record["skipped"] = True  # 16-mixed: non-finite gradients, no update (runtime.step)
-        if step % 10 == 0 or now - self.last_print >= PROGRESS_SECONDS:
-            elapsed = now - window["start"]
+        if step % 10 == 0 or now - self.last_print >= PROGRESS_SECONDS or step == last_step:
+            elapsed = now - window["start"]  # measured for every printed line: real numbers, never nan
             wait = batches.wait_seconds + _bank_wait(banks)
             record["img_per_s"] = window["images"] / elapsed
             record["data_wait_fraction"] = min(1.0, (wait - window["wait"]) / elapsed)
@@ -451,8 +451,8 @@ class MetricsLogger:
             rate = step / max(now - started, 1e-9)
             eta = time.strftime("%H:%M:%S", time.gmtime((last_step - step) / max(rate, 1e-9)))
             print(f"step {step}/{last_step} epoch {epoch + 1}/{self.config.train.epochs} "
-                  f"{last.get('img_per_s', float('nan')):.0f} img/s loss {last['loss']:.4f} "
-                  f"wait {last.get('data_wait_fraction', float('nan')):.0%} ETA {eta}", flush=True)
+                  f"{last['img_per_s']:.0f} img/s loss {last['loss']:.4f} "
+                  f"wait {last['data_wait_fraction']:.0%} ETA {eta}", flush=True)
 
     def close(self) -> None:
         self.flush()

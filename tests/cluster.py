@@ -26,7 +26,7 @@ def settle(address: str, timeout: float = 120) -> list[str]:
     of three actors placed on the second node) and Ray's SPREAD packs. A hard affinity waits for it."""
     import ray
 
-    from runtime.placement import node_capacity, pinned
+    from pipeline.placement import node_capacity, pinned
     ray.init(address=address, configure_logging=False)
     try:
         nodes = list(node_capacity(ray.nodes(), "CPU"))  # the alive ones

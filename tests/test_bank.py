@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -498,6 +500,40 @@ def test_killed_shard_restores_from_the_last_snapshot(make_bank, tmp_path, ray_c
     assert torch.isfinite(pos).all() and torch.isfinite(neg).all()
 
 
+def test_a_shard_lost_while_a_snapshot_is_written_leaves_the_previous_one_whole(make_bank, tmp_path, ray_cluster):
+    """Shard 1 dies as the step-2 snapshot starts: shard 0 writes its file, shard 1 cannot. The save
+    is an error (the Train step that checkpoints fails, and Ray Train resumes from the checkpoint that
+    names step 1), not retried: a retry after the restore would write the step-1 state under step 2's
+    name. LATEST still names step 1, every shard holds it, and the half directory is no snapshot."""
+    bank, _, _ = clustered_bank(make_bank, shards=2, snapshot_root=str(tmp_path), fresh=True)
+    rng = np.random.default_rng(11)
+    bank.update(np.arange(50), rng.normal(size=(50, 8)))
+    first = bank.save()
+    saved = bank.get(np.arange(600)).numpy()
+    bank.update(np.arange(50, 100), rng.normal(size=(50, 8)))
+    stats = bank.stats
+
+    def stats_then_lose_shard_1():  # save() names the snapshot by the step, then writes it
+        answer = stats()
+        kill_and_wait_for_restart(ray_cluster, bank.shards[1])
+        return answer
+
+    bank.stats = stats_then_lose_shard_1
+    with pytest.raises(BankStateError, match="failed during save.*last snapshot, which is intact"):
+        bank.save()
+    del bank.stats
+    half = tmp_path / "step-000000002"
+    assert (half / "shard-0000.pt").exists() and not (half / "shard-0001.pt").exists()
+    assert (tmp_path / "LATEST").read_text() == Path(first).name
+    np.testing.assert_allclose(bank.get(np.arange(600)).numpy(), saved, atol=1e-7)  # all shards: step 1
+    assert bank.stats()["step"] == 1
+    with pytest.raises(BankStateError, match="not a complete bank snapshot"):
+        bank.restore(str(half))
+    with pytest.raises(FileNotFoundError, match="not a bank snapshot"):
+        MemoryBank.load(str(half))
+    assert Path(bank.save()).name == "step-000000001"  # usable again: the next snapshot is whole
+
+
 def test_killed_shard_without_snapshot_is_an_error_not_zeros(make_bank, ray_cluster):
     bank, _, _ = clustered_bank(make_bank, shards=2, fresh=True)
     kill_and_wait_for_restart(ray_cluster, bank.shards[0])
@@ -587,6 +623,28 @@ def test_semi_hard_refill_with_one_short_row_and_one_pool_larger_than_k():
     assert bool(valid.all())
     assert set(rows[1].tolist()) <= set(range(95, 100))  # only cluster-1 rows are allowed
     assert all(shard.labels[r] == 0 for r in rows[0].tolist())
+
+
+def test_semi_hard_draws_are_uniform_over_the_exact_pool_and_without_replacement():
+    """The pool found as a threshold (kthvalue) is exactly the 10 % nearest allowed rows (a sort
+    says which), and 4,000 draws of 10 over it are uniform (chi-square) with no repeats in a draw."""
+    from scipy.stats import chisquare
+
+    from bank.shard import BankShard
+    shard = BankShard(0, 1, 1000, 4, 2, num_threads=1)
+    shard.labels = torch.tensor([0] * 100 + [1] * 900)
+    sims = torch.rand(1, 1000, generator=torch.Generator().manual_seed(1)).expand(400, 1000).contiguous()
+    labels, anchors = torch.zeros(400, dtype=torch.int64), torch.zeros(400, dtype=torch.int64)
+    shares = torch.full((400,), 10)
+    rows, valid = shard._sample_by_similarity(sims.clone(), labels, anchors, shares, "semi_hard", 0.1,
+                                              torch.Generator().manual_seed(2))
+    assert bool(valid.all())
+    allowed = torch.arange(100, 1000)  # cluster 0 (the anchor's) excluded
+    pool = set(allowed[torch.argsort(sims[0, 100:], descending=True)[:90]].tolist())  # ceil(0.1 · 900)
+    assert set(rows.flatten().tolist()) == pool
+    assert all(len(set(r.tolist())) == 10 for r in rows)
+    counts = np.bincount(rows.flatten().numpy(), minlength=1000)[sorted(pool)]
+    assert chisquare(counts).pvalue > 1e-3
 
 
 # --- offline pseudo-labels (003 Observation 1) ---------------------------------------------------------

@@ -67,3 +67,16 @@ def test_gpu_update_follows_eq2_and_eq3(shard):
     np.testing.assert_allclose(shard.get(ids), expected, atol=1e-5)
     distances = ((expected[:, None] - centroids[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(shard.get_labels(ids), distances.argmin(1))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_shard_scores_from_its_stored_values(dtype):
+    """fp16 / bf16 storage on CUDA: similarities by torch.mm(..., out_dtype=float32) over the stored
+    values, no float32 copy of the shard; within the query's rounding of the widened product."""
+    half = BankShard(0, 1, 3000, 16, 6, dtype=dtype, device="cuda")
+    half.set_features(np.arange(3000), np.random.default_rng(1).normal(size=(3000, 16)))
+    q = torch.nn.functional.normalize(torch.randn(7, 16, device="cuda"), dim=1)
+    sims = half._similarity_fn()(q)
+    assert sims.dtype == torch.float32
+    tolerance = 2e-3 if dtype == "float16" else 1.6e-2  # one rounding of q to the storage dtype
+    torch.testing.assert_close(sims, q @ half.feats.float().T, atol=tolerance, rtol=0)

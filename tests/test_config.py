@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from runtime.config import (METHOD_NAMES, PRESET_FILES, PRESETS, ConfigError, JobConfig, applies, method_view,
                             parse_args, print_config, read_config_file)
@@ -111,11 +112,11 @@ def test_print_config_output_is_a_config_file_of_the_same_run(tmp_path, capsys):
 
 def test_print_config_of_simclr_shows_simclrs_keys_only(capsys):
     print_config(build("--preset", "demo", method="simclr"))
-    shown = json.loads(capsys.readouterr().out)
+    shown = yaml.safe_load(capsys.readouterr().out)
     assert set(shown["method"]) == {"name", "temperature", "gather", "loss", "positives"}
     assert "bank" not in shown and "shuffle_bn" not in shown["model"]
     print_config(build("--preset", "demo"))
-    shown = json.loads(capsys.readouterr().out)
+    shown = yaml.safe_load(capsys.readouterr().out)
     assert {"base", "num_negatives", "queue_size"} <= set(shown["method"]) and shown["bank"]["clusters"] == 100
 
 

@@ -1,5 +1,5 @@
 """GPU placement on Ray's fake GPUs: the GPU presets' bank shards each on a GPU of its own beside a
-Train worker (runtime.driver `reserve_gpus`, runtime.placement `GpuReservation`), Train-shaped workers
+Train worker (runtime.driver `reserve_gpus`, pipeline.placement `GpuReservation`), Train-shaped workers
 placing beside them as Ray Train v2 places its workers; and no loader actor that decodes on the GPU
 without a GPU resource. One `ray.cluster_utils.Cluster` in a subprocess (this session may hold an
 in-process Ray): a 4-GPU head for the imagenet preset, then a second 4-GPU node for imagenet22k."""

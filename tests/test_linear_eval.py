@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from jobs import linear_eval
+from runtime import runs
 from pipeline.convert import convert
 from pipeline.manifest import Manifest
 from runtime.build import build_method
@@ -58,7 +59,7 @@ def test_latest_checkpoint_is_the_highest_step_not_the_newest_file(tmp_path):
     newer = write_checkpoint(tmp_path, "checkpoint_2026-01-02_00-00-00.000000", method, step=500)
     os.utime(highest, (1_000, 1_000))  # the higher step is the older file and sorts first by name
     os.utime(newer, (2_000, 2_000))
-    assert linear_eval.latest_checkpoint(tmp_path) == highest
+    assert runs.latest_checkpoint(tmp_path) == highest
 
 
 def test_latest_checkpoint_reads_the_step_from_model_pt_without_meta_json(tmp_path):
@@ -67,7 +68,7 @@ def test_latest_checkpoint_reads_the_step_from_model_pt_without_meta_json(tmp_pa
     newer = write_checkpoint(tmp_path, "checkpoint_2026-01-02_00-00-00.000000", method, step=300)
     os.utime(linked, (1_000, 1_000))
     os.utime(newer, (2_000, 2_000))
-    assert linear_eval.latest_checkpoint(tmp_path) == linked
+    assert runs.latest_checkpoint(tmp_path) == linked
 
 
 def test_missing_run_and_run_without_checkpoint_are_one_line_errors(tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""runtime.placement: slots dealt over the nodes like cards, one per unit of capacity (worked by hand)."""
-from runtime.placement import deal, node_capacity
+"""pipeline.placement: slots dealt over the nodes like cards, one per unit of capacity (worked by hand)."""
+from pipeline.placement import deal, node_capacity
 
 
 def test_slots_are_dealt_node_by_node_one_per_unit_of_capacity():

@@ -132,6 +132,10 @@ def assign_nodes(slots: list[GpuSlot], nodes: list[dict]) -> list[GpuSlot]:
     return unplaced
 
 
+class PlacementError(RuntimeError):
+    """Ray could not place what a plan asked for (the job turns it into its one `error:` line)."""
+
+
 class GpuReservation:
     """The companions' placement group of a job's GPU slots (`assign_nodes` placed), made by `create`;
     the actor options of its bank shards and loader actors, the Train workers' label selectors, and
@@ -145,7 +149,6 @@ class GpuReservation:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
 
-        from runtime.config import ConfigError
         placed = [slot for slot in slots if slot.companions > 0]
         if not placed:
             return cls(slots)
@@ -162,7 +165,7 @@ class GpuReservation:
         try:
             for pg in (held, group):
                 if pg is not None and not pg.wait(timeout):
-                    raise ConfigError(f"the job's GPUs were not free within {timeout:.0f} s (another job holds "
+                    raise PlacementError(f"the job's GPUs were not free within {timeout:.0f} s (another job holds "
                                       f"some: `ray status` shows what is in use)")
         except BaseException:
             remove_placement_group(group)

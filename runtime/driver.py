@@ -21,6 +21,50 @@ import numpy as np
 from runtime.config import ConfigError, JobConfig, parse_args, print_config, resolve_optimizer
 
 
+class RunLock:
+    """Held by the driver of a run folder (a named actor it owns, so it goes when that driver ends,
+    killed or not): who holds it."""
+
+    def __init__(self, owner: dict):
+        self.owner = owner
+
+    def who(self) -> dict:
+        return self.owner
+
+
+def hold_run(run_dir: Path, wait_seconds: float = 15.0):
+    """The cluster-wide lock of `run_dir`: a second driver of the same run (the same --name and
+    storage submitted again while it runs) is refused with a ConfigError naming the holder. A lock
+    whose driver just ended may take a moment to go; it is waited for, not reported."""
+    import hashlib
+    import socket
+
+    import ray
+    name = "viewbank-run-" + hashlib.sha256(str(run_dir).encode()).hexdigest()[:20]
+    owner = {"run": str(run_dir), "pid": os.getpid(), "host": socket.gethostname(),
+             "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    remote = ray.remote(num_cpus=0, max_restarts=0)(RunLock)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            lock = remote.options(name=name, namespace="viewbank").remote(owner)
+            ray.get(lock.who.remote(), timeout=60)
+            return lock
+        except ValueError:  # the name is taken
+            try:
+                holder = ray.get(ray.get_actor(name, namespace="viewbank").who.remote(), timeout=10)
+            except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                holder = None  # its driver has ended: the name is on its way out
+            if holder is not None:
+                raise ConfigError(f"run {run_dir} is already running (driver pid {holder['pid']} on "
+                                  f"{holder['host']} since {holder['since']}): wait for it, stop it "
+                                  "(ray job stop), or pass another --name") from None
+            if time.monotonic() > deadline:
+                raise ConfigError(f"run {run_dir}: the lock of an ended driver did not go within "
+                                  f"{wait_seconds:.0f} s; resubmit") from None
+            time.sleep(0.5)
+
+
 def worker_resources(config: JobConfig) -> dict:
     """One Train worker's Ray resources (ScalingConfig.resources_per_worker)."""
     t = config.train
@@ -124,15 +168,21 @@ def run(config: JobConfig, address: str | None = None) -> dict:
     config.data.root = str(Path(config.data.root).resolve())
     storage = Path(config.storage).resolve()
     run_dir = storage / config.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
 
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=True,
              runtime_env={"env_vars": job_env_vars(address)})
     nodes, requests = ray.nodes(), probe.bank_requests()
     check_resources(config, ray.cluster_resources(), nodes, num_banks=len(requests))
-    check_shared_storage(run_dir, nodes)  # the bank snapshots (run_dir/bank-i) are in the same folder
-    banks, loaders, gpus = [], [], reserve_gpus(config, nodes, len(requests))
+    lock = hold_run(run_dir)  # before anything of the run folder is written
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        check_shared_storage(run_dir, nodes)  # the bank snapshots (run_dir/bank-i) are in the same folder
+        gpus = reserve_gpus(config, nodes, len(requests))
+    except BaseException:
+        ray.kill(lock)
+        raise
+    banks, loaders = [], []
     try:
         for i, request in enumerate(requests):
             banks.append(MemoryBank.create(
@@ -166,6 +216,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
         for bank in banks:
             bank.shutdown()
         gpus.release()
+        ray.kill(lock)
     summary.update(wall_seconds=time.perf_counter() - started, train_seconds=train_seconds,
                    **throughput(run_dir / "metrics.jsonl"))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

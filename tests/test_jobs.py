@@ -136,3 +136,22 @@ def descends(pid: int, ancestor: int, table: dict[int, tuple[int, int, bytes]]) 
     return False
 
 
+
+
+def test_a_run_name_already_running_is_refused_and_its_folder_left_alone(shards, tmp_path, ray_cluster, capsys):
+    """runtime.driver `hold_run`: the driver of a run holds a named actor for its folder; a second
+    submission of the same name and storage is one `error:` line naming the holder, exit 2, before
+    it writes anything there; once the holder is gone the name is free."""
+    from runtime.driver import hold_run, main
+    run_dir = (tmp_path / "busy").resolve()
+    lock = hold_run(run_dir)
+    args = [*SMALL, "--shards", str(shards), "--storage", str(tmp_path), "--name", "busy"]
+    assert main(args, method="interclr", default_preset="imagenet") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [errors[0]] and errors[0].startswith(f"error: run {run_dir} is already running "
+                                                         f"(driver pid {os.getpid()} on ")
+    assert "pass another --name" in errors[0]
+    assert not run_dir.exists()  # the running run's folder: not even its config.json rewritten
+    ray_cluster.kill(lock)
+    again = hold_run(run_dir, wait_seconds=30)  # the holder has gone: the name is free again
+    ray_cluster.kill(again)

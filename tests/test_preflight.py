@@ -145,14 +145,14 @@ def test_a_job_failing_inside_fit_leaves_no_actor_alive(ray_cluster, shards, tmp
 
     def fit(self):  # an actor's registration with the GCS is asynchronous: give it a few seconds
         deadline = time.monotonic() + 20
-        while len(started) < 2 and time.monotonic() < deadline:
+        while len(started) < 3 and time.monotonic() < deadline:
             started.update({a: s for a, s in actor_states().items() if a not in before})
             time.sleep(0.1)
         raise RuntimeError("the worker group died")
     monkeypatch.setattr(TorchTrainer, "fit", fit)
     with pytest.raises(RuntimeError, match="worker group died"):
         run(job(shards, tmp_path, "bank.shards=1"))
-    assert len(started) == 2  # the bank shard and the loader actor existed when fit failed
+    assert len(started) == 3  # the run's lock, the bank shard and the loader actor existed when fit failed
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and any(actor_states()[a] != "DEAD" for a in started):
         time.sleep(0.2)

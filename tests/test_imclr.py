@@ -3,12 +3,12 @@ part exactly its sample's view, labels the mean one-hot; the recipe by name; the
 targets and classifier top-1; the job's command line (no Ray)."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from models.supervised import Supervised, classifier_top1
 from pipeline.convert import convert
@@ -134,7 +134,7 @@ def test_job_command_line_names_the_run_after_n_and_trains_supervised(capsys):
     spec.loader.exec_module(job)
     for n, name in (("3", "imclr3-demo"), ("0", "supervised-demo")):
         assert main(job.driver_argv(["--preset", "demo", "--imclr", n, "--print-config"]), method="supervised") == 0
-        config = json.loads(capsys.readouterr().out)
+        config = yaml.safe_load(capsys.readouterr().out)
         assert (config["name"], config["method"]["name"], config["method"]["imclr"]) == (name, "supervised", int(n))
     assert main(job.driver_argv(["--preset", "demo", "--imclr", "1"]), method="supervised") == 2
     assert "method.imclr" in capsys.readouterr().err

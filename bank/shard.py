@@ -434,8 +434,7 @@ class BankShard:
         it is; fp16 / bf16 storage on CUDA from the stored values with float32 accumulation and output
         (`torch.mm(..., out_dtype=)`, the query rounded to the storage dtype), never a float32 copy of
         the shard (0.9 GB at 1.78M × 128); on the CPU, where no such matmul exists, the shard is widened
-        once per call (measured at 1.78M rows: widening a 65k-row block per query chunk instead costs
-        2 s more per call)."""
+        once per call, not per query chunk (docs/benchmarks.md)."""
         feats = self.feats
         if feats.dtype == torch.float32:
             return lambda q: q @ feats.T

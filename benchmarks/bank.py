@@ -4,7 +4,7 @@ way mmselfsup 0.x's InterCLR memory does it. Prints JSON.
 One "InterCLR bank step" = intra query (bank positive + K random negatives) + inter query
 (cluster positive + K semi-hard negatives) + the loss backward + update (Eq. 2, Eq. 3, centroids).
 
-    python benchmarks/bank.py --n 200000                 # Ray shards (1 and 2) vs in-process, CPU
+    python benchmarks/bank.py                            # Ray shards (1 and 2) vs in-process, CPU
     python benchmarks/bank.py --n 1280000 --steps 3
     python benchmarks/bank.py --mode shard --n 1780000   # one shard's cost alone (no Ray), e.g. on a GPU
     python benchmarks/bank.py --kmeans-only --n 400000 --clusters 10000   # k-means seeding + Lloyd step
@@ -110,6 +110,11 @@ def time_baseline(args, device: str) -> dict:
             "note": "in-process; with several GPUs mmselfsup all-gathers the whole bank every iteration"}
 
 
+def progress(message: str) -> None:
+    """What the benchmark is doing, to stderr (stdout is the JSON), with the time since it started."""
+    print(f"[{time.perf_counter() - STARTED:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -120,8 +125,9 @@ def time_ray(args, shards: int) -> dict:
 
     from bank import MemoryBank
     threads = max(1, (os.cpu_count() or 1) // shards)
+    progress(f"{shards} Ray shard(s): filling {args.n} rows, then k-means ({args.kmeans_iters} iterations)")
     bank = MemoryBank.create(args.n, args.dim, num_shards=shards, num_clusters=args.clusters,
-                             momentum=args.momentum, seed=0, threads_per_shard=threads)
+                             momentum=args.momentum, seed=0, threads_per_shard=threads, min_cluster=args.min_cluster)
     feats, _ = random_bank(args.n, args.dim, args.clusters, 0, "cpu")
     for start in range(0, args.n, 262144):
         bank.set_features(np.arange(start, min(args.n, start + 262144)), feats[start:start + 262144])
@@ -135,6 +141,7 @@ def time_ray(args, shards: int) -> dict:
     # steps the trainer sleeps --model-ms, a stand-in for forward + backward on a GPU (a sleep leaves the
     # CPU to the shards, as a GPU trainer would).
     for mode in ("blocking", "async"):
+        progress(f"{shards} Ray shard(s): {args.steps} {mode} steps (+1 warm-up)")
         times, waits, trips, traffic = [], [], [], []
         for step in range(args.steps + 1):
             ids = np.random.default_rng(step).choice(args.n, args.batch, replace=False)
@@ -297,6 +304,9 @@ def time_selection(args, shard, share: int, device: str) -> dict:
     return out
 
 
+STARTED = time.perf_counter()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["ray", "shard", "baseline"], default="ray")
@@ -304,7 +314,10 @@ def main() -> None:
                         help="time the bank's k-means (seeding, s per Lloyd iteration) against faiss-cpu")
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--clusters", type=int, default=10_000)
+    parser.add_argument("--clusters", type=int, default=1_000,
+                        help="default 1,000: 200 rows per cluster at the default --n (ImageNet-1K at 10k: 128); "
+                             "at 20 per cluster upkeep (--min-cluster) refills half the clusters every step")
+    parser.add_argument("--min-cluster", type=int, default=20, help="the bank's upkeep floor (0: off)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--negatives", type=int, default=16_384)
     parser.add_argument("--momentum", type=float, default=0.5)
@@ -330,6 +343,7 @@ def main() -> None:
         print(json.dumps(out, indent=1))
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    progress(f"in-process mmselfsup-style bank: {args.steps} steps (+1 warm-up) at N = {args.n}")
     out["in_process_mmselfsup_style"] = time_baseline(args, device)
     if args.mode == "baseline":
         print(json.dumps(out, indent=1))
@@ -342,6 +356,7 @@ def main() -> None:
         init = result.pop("initial_centroids")
         result["ratio_vs_in_process"] = round(result["ms_per_step"] / out["in_process_mmselfsup_style"]["ms_per_step"], 2)
         out[f"viewbank_{shards}_shards"] = result
+    progress(f"faiss-cpu k-means on the same seeds ({args.kmeans_iters} iterations)")
     out["faiss_cpu"] = faiss_kmeans(args, init)
     print(json.dumps(out, indent=1))
 

@@ -44,9 +44,9 @@ class MoCo(QueryKeyEncoders, Method):
     def prime(self, batch: dict) -> None:
         """Queue keys of real images before the first step, instead of starting from random unit
         vectors: against a random queue (negatives ~orthogonal to everything) a step lowers the loss
-        by aligning every query with its key, and at a short schedule's learning rate (0.15, B 256,
-        Fashion-MNIST) every query collapsed to one direction within 5 steps, the loss pinned at
-        log(K+1) for good. Filled with real keys, the same run keeps its queries apart."""
+        by aligning every query with its key, which can collapse every query to one direction with
+        the loss pinned at log(K+1) (seen at the demo's settings: docs/methods.md). Real keys keep
+        the queries apart."""
         self.queue.push(self.keys(self.views(batch)[1]))
 
     def contrast(self, q: torch.Tensor, k: torch.Tensor, margin: float = 0.0) -> torch.Tensor:

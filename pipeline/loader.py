@@ -277,11 +277,11 @@ def find_undecodable(paths: list[str], indexes: list[str], positions, num_thread
 
 def find_undecodable_isolated(paths: list[str], indexes: list[str], positions,
                               num_threads: int = 2) -> dict[int, tuple[int, str]]:
-    """`find_undecodable` in a fresh Python process. DALI 2.4 can crash (SIGSEGV) in a process
-    where a pipeline failed: the loader's failed pipeline crashed when destroyed (so it is kept, in
-    `_DEAD_PIPELINES`) and decoders run beside it crashed too, so the check runs apart. Within the
-    check, runs after a failed one crashed in 17 of 24 checks with 50- or 256-image batches and in
-    none of 50 with 16–32, hence `chunk` 16; a crashed check is still run again (twice at most)."""
+    """`find_undecodable` in a fresh Python process: DALI 2.4 can crash (SIGSEGV) in a process
+    where a pipeline failed (a failed pipeline crashes when destroyed, so it is kept in
+    `_DEAD_PIPELINES`, and decoders run beside it can crash too), so the check runs apart, in chunks
+    of 16 images (larger batches after a failed one crash more often: docs/benchmarks.md, lab
+    notes); a crashed check is run again (twice at most)."""
     code = ("import json, sys; from pipeline.loader import find_undecodable; "
             "a = json.load(sys.stdin); print(json.dumps(find_undecodable(*a)), flush=True); import os; os._exit(0)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
@@ -553,8 +553,7 @@ def _number(sample) -> int:
 def _to_torch(tensor_list, stream: torch.cuda.Stream | None = None, pin_memory: bool = False) -> torch.Tensor:
     """One copy out of DALI's buffers into a tensor torch owns (DALI reuses or frees its buffers).
 
-    CPU outputs: `as_array` copies once (np.array(as_tensor()) copied twice, 23 vs 17 ms per
-    64 × 3 × 224² float view batch); with pin_memory the one copy goes into pinned memory
+    CPU outputs: `as_array` copies once (np.array(as_tensor()) copies twice); with pin_memory the one copy goes into pinned memory
     (`copy_to_external`, as DALI's `feed_ndarray`), so the trainer's non_blocking copy to its GPU is
     asynchronous (from pageable memory it is not). GPU outputs with `stream` (torch's current stream,
     the one `pipe.run(stream)` handed them over on): one device-to-device copy into a fresh tensor on

@@ -5,7 +5,7 @@ loader actors (`gpu_slots`, `assign_nodes`, `GpuReservation`); a file read on ev
 Ray's `SPREAD` is best effort, and for zero-CPU actors (the bank shards) Ray 2.60 honours neither
 SPREAD nor a soft node affinity: on a settled three-node `ray.cluster_utils.Cluster`, two bank
 shards landed on one node in one of three tries with SPREAD and in two of three with soft affinity,
-never with a hard one (measured). So bank shards are pinned hard (a shard killed on a live node
+never with a hard one (docs/benchmarks.md, lab notes). So bank shards are pinned hard (a shard killed on a live node
 restarts there and restores its snapshot; if its node dies the job fails and a resubmission resumes
 from the last checkpoint and bank snapshot), and the converter's one-CPU tasks softly (a node that
 dies hands its shards to the others)."""

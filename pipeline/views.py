@@ -197,11 +197,9 @@ def jitter_and_gray(view, spec: ViewSpec, device: str):
     gray, hue in YIQ instead of HSV.
 
     The result is float HWC in [0, 255] (uint8 views are cast): DALI's CPU float → uint8
-    conversion is its slow part (color_twist 1.41 ms per 224² view to uint8, 0.54 to float; the
-    clamp as min(max()) 0.30, as dmath.clamp 0.56), and the blur and crop_mirror_normalize after it
-    take float as cheaply.
-    Measured on the whole two_crop graph, 2 threads: 265 vs 230 img/s (uint8), and 240 vs 234 for
-    the uint8 views of loader actors. Recipes without jitter or grayscale (CMC) keep uint8."""
+    conversion is the slow part of color_twist, and the blur and crop_mirror_normalize after it take
+    float as cheaply (timings: docs/benchmarks.md, lab notes). Recipes without jitter or grayscale
+    (CMC) keep uint8."""
     if spec.p_jitter <= 0 and spec.p_gray <= 0:
         return view
     b, c, s, h = spec.jitter

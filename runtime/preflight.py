@@ -58,6 +58,14 @@ def check_data(config: JobConfig, method, num_samples: int) -> None:
     if not 1 <= e.knn_k <= memory:
         raise ConfigError(f"eval.knn_k={e.knn_k} must be between 1 and the kNN memory of {memory} train samples "
                           f"({source})")
+    per_cluster, floor = num_samples / max(1, config.bank.clusters), config.bank.min_cluster
+    if any(r.clusters for r in requests) and floor > 0 and per_cluster < 2 * floor:
+        # at a mean of min_cluster samples per cluster about half the clusters sit below it after every
+        # update and upkeep refills them all, every step (docs/bank.md)
+        raise ConfigError(f"bank.min_cluster={floor} with {num_samples} samples in {config.bank.clusters} clusters "
+                          f"({per_cluster:.0f} per cluster): upkeep needs at least {2 * floor} per cluster "
+                          f"(lower bank.clusters to at most {num_samples // (2 * floor)}, or bank.min_cluster; "
+                          "0 turns upkeep off)")
 
 
 def _bank_negatives(method) -> int:

@@ -3,7 +3,6 @@ part exactly its sample's view, labels the mean one-hot; the recipe by name; the
 targets and classifier top-1; the job's command line (no Ray)."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

@@ -53,6 +53,15 @@ def test_more_clusters_than_samples_is_refused_for_a_clustering_method_only():
     check_data(npid, build_method(npid, 10), 120)
 
 
+def test_too_few_samples_per_cluster_for_upkeep_is_refused():
+    """6 per cluster with min_cluster 5: upkeep would refill about half the clusters every step."""
+    assert data_error(demo(*FITS_120, "bank.clusters=20"), 120) == (
+        "bank.min_cluster=5 with 120 samples in 20 clusters (6 per cluster): upkeep needs at least 10 per "
+        "cluster (lower bank.clusters to at most 12, or bank.min_cluster; 0 turns upkeep off)")
+    off = demo(*FITS_120, "bank.clusters=20", "bank.min_cluster=0")
+    check_data(off, build_method(off, 10), 120)
+
+
 def test_the_demo_queue_on_512_images_is_refused_before_priming_runs_out_of_batches():
     # queue 4096 / (256 × 1 worker) = 16 batches to prime; 512 images make 2
     assert data_error(demo(), 512) == ("method.queue_size=4096 needs 16 batches of 256 × 1 Train worker to fill "

@@ -621,19 +621,14 @@ class MemoryBank:
         """How many `init_clusters` runs have completed on this bank's shards (since they started)."""
         return int(self._call([(0, "ping", (), {})])[0]["clusterings"])
 
-    def wait_clustered(self, after: int, poll_seconds: float = 1.0, progress=None,
-                       report_every: float = 60.0) -> None:
+    def wait_clustered(self, after: int, poll_seconds: float = 1.0) -> None:
         """Block until a k-means started elsewhere (another Ray Train rank's client) has completed,
         i.e. `clusterings()` differs from `after` (the count read before it began; a restarted
         shard 0 counts afresh, which also ends the wait rather than hanging it). It waits through
         Ray, not in a process-group collective, so a long k-means never runs into
-        torch.distributed's timeout on the waiting ranks."""
-        started = last = time.perf_counter()
+        torch.distributed's timeout on the waiting ranks (rank 0 prints the k-means' progress)."""
         while self.clusterings() == after:
             time.sleep(poll_seconds)
-            if progress is not None and time.perf_counter() - last >= report_every:
-                last = time.perf_counter()
-                progress(f"waiting for the bank's k-means ({time.perf_counter() - started:.0f} s)")
 
     def _sample_rows(self, count: int, rng: np.random.Generator) -> np.ndarray:
         ids = rng.choice(self.num_samples, size=count, replace=False)

@@ -121,16 +121,8 @@ def synchronize(device: str) -> None:
 
 
 def time_ray(args, shards: int) -> dict:
-    import ray
-
-    from bank import MemoryBank
-    threads = max(1, (os.cpu_count() or 1) // shards)
     progress(f"{shards} Ray shard(s): filling {args.n} rows, then k-means ({args.kmeans_iters} iterations)")
-    bank = MemoryBank.create(args.n, args.dim, num_shards=shards, num_clusters=args.clusters,
-                             momentum=args.momentum, seed=0, threads_per_shard=threads, min_cluster=args.min_cluster)
-    feats, _ = random_bank(args.n, args.dim, args.clusters, 0, "cpu")
-    for start in range(0, args.n, 262144):
-        bank.set_features(np.arange(start, min(args.n, start + 262144)), feats[start:start + 262144])
+    bank, _, threads = filled_bank(args, shards, momentum=args.momentum, min_cluster=args.min_cluster)
     start = time.perf_counter()
     result = bank.init_clusters(iters=args.kmeans_iters, init="random", seed=0)
     kmeans_s = (time.perf_counter() - start) / (args.kmeans_iters + 1)  # + the final assignment pass
@@ -171,9 +163,23 @@ def time_ray(args, shards: int) -> dict:
     return out
 
 
-def faiss_kmeans(args, init: np.ndarray) -> dict:
-    import faiss
+def filled_bank(args, shards: int, **options):
+    """(a bank of `shards` Ray shards holding random_bank's rows, those rows, threads per shard)."""
+    from bank import MemoryBank
+    threads = max(1, (os.cpu_count() or 1) // shards)
+    bank = MemoryBank.create(args.n, args.dim, num_shards=shards, num_clusters=args.clusters, seed=0,
+                             threads_per_shard=threads, **options)
     feats, _ = random_bank(args.n, args.dim, args.clusters, 0, "cpu")
+    for start in range(0, args.n, 262144):
+        bank.set_features(np.arange(start, min(args.n, start + 262144)), feats[start:start + 262144])
+    return bank, feats, threads
+
+
+def faiss_kmeans(args, init: np.ndarray, feats: torch.Tensor | None = None) -> dict:
+    """faiss-cpu's k-means from the same seeds on random_bank's rows (`feats` when already made)."""
+    import faiss
+    if feats is None:
+        feats, _ = random_bank(args.n, args.dim, args.clusters, 0, "cpu")
     x = feats.numpy()
     km = faiss.Kmeans(args.dim, args.clusters, niter=args.kmeans_iters, seed=0,
                       max_points_per_centroid=args.n // args.clusters + 1)
@@ -192,15 +198,9 @@ def time_kmeans(args) -> dict:
     timed at 1/8 of the sample and of the clusters and scaled by 64 (its cost ∝ sample · C)."""
     import ray
 
-    from bank import MemoryBank
     from bank.kmeans import kmeans_plus_plus
     shards = max(int(s) for s in args.shards.split(","))
-    threads = max(1, (os.cpu_count() or 1) // shards)
-    bank = MemoryBank.create(args.n, args.dim, num_shards=shards, num_clusters=args.clusters, seed=0,
-                             threads_per_shard=threads, min_cluster=0)
-    feats, _ = random_bank(args.n, args.dim, args.clusters, 0, "cpu")
-    for start in range(0, args.n, 262144):
-        bank.set_features(np.arange(start, min(args.n, start + 262144)), feats[start:start + 262144])
+    bank, feats, threads = filled_bank(args, shards, min_cluster=0)
     result = bank.init_clusters(iters=args.kmeans_iters, init="random", seed=0)
     out = {"shards": shards, "threads_per_shard": threads, "kmeans_seed_s": round(result["seed_seconds"], 3),
            "kmeans_s_per_iter": round(float(np.mean(result["iteration_seconds"])), 2),
@@ -218,12 +218,7 @@ def time_kmeans(args) -> dict:
         import faiss
     except ImportError:
         return out
-    km = faiss.Kmeans(args.dim, args.clusters, niter=args.kmeans_iters, seed=0,
-                      max_points_per_centroid=args.n // args.clusters + 1)
-    start = time.perf_counter()
-    km.train(feats.numpy(), init_centroids=result["initial_centroids"])
-    out["faiss_cpu"] = {"kmeans_s_per_iter": round((time.perf_counter() - start) / max(1, args.kmeans_iters), 2),
-                        "threads": faiss.omp_get_max_threads()}
+    out["faiss_cpu"] = {**faiss_kmeans(args, result["initial_centroids"], feats), "threads": faiss.omp_get_max_threads()}
     out["ratio_s_per_iter_vs_faiss"] = round(out["kmeans_s_per_iter"] / max(out["faiss_cpu"]["kmeans_s_per_iter"], 1e-9), 2)
     return out
 

@@ -151,12 +151,13 @@ def write_shard(out: str, split: str, shard_number: int, first_position: int,
         raise ConversionError(write_error(exc, tar_path + ".partial")) from None
 
 
-def write_error(exc: OSError, path: str) -> str:
-    """One line for a write to OUT that failed (full disk, read-only or unwritable storage)."""
-    code = errno.errorcode.get(exc.errno, "")
-    reason = f"{exc.strerror} ({code})" if exc.strerror else str(exc)
-    return (f"cannot write {exc.filename or path}: {reason}; shards already written are kept: "
-            "free space or make OUT writable, then rerun with --resume")
+def write_error(exc: Exception, path: str) -> str:
+    """One line for a write to OUT that failed (full disk, read-only or unwritable storage): an
+    OSError by its errno, an LMDB error by its message."""
+    strerror = getattr(exc, "strerror", None)
+    reason = f"{strerror} ({errno.errorcode.get(exc.errno, '')})" if strerror else str(exc)
+    return (f"cannot write {getattr(exc, 'filename', None) or path}: {reason}; shards already written are "
+            "kept: free space or make OUT writable, then rerun with --resume")
 
 
 def _write_shard(out: str, name: str, tar_path: str, first_position: int,
@@ -287,8 +288,7 @@ def convert(fmt: str, src: Path, out: Path, split: str = "train", *, list_file: 
     except OSError as exc:
         raise ConversionError(write_error(exc, str(out))) from None
     except manifest_lib.lmdb.Error as exc:
-        raise ConversionError(f"cannot write {out / 'manifest.lmdb'}: {exc}; shards already written are kept: "
-                              "free space or make OUT writable, then rerun with --resume") from None
+        raise ConversionError(write_error(exc, str(out / "manifest.lmdb"))) from None
     seconds = time.monotonic() - started
     summary_rate = (total - done_before) / seconds if seconds > 0 else 0.0
     log(f"done: {summary['count']} samples in {len(summary['shards'])} shards "

@@ -174,16 +174,12 @@ def run(config: JobConfig, address: str | None = None) -> dict:
     nodes, requests = ray.nodes(), probe.bank_requests()
     check_resources(config, ray.cluster_resources(), nodes, num_banks=len(requests))
     lock = hold_run(run_dir)  # before anything of the run folder is written
+    banks, loaders, gpus = [], [], None
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
         check_shared_storage(run_dir, nodes)  # the bank snapshots (run_dir/bank-i) are in the same folder
         gpus = reserve_gpus(config, nodes, len(requests))
-    except BaseException:
-        ray.kill(lock)
-        raise
-    banks, loaders = [], []
-    try:
         for i, request in enumerate(requests):
             banks.append(MemoryBank.create(
                 num_samples, request.dim, num_shards=config.bank.shards,
@@ -215,7 +211,8 @@ def run(config: JobConfig, address: str | None = None) -> dict:
                 ray.kill(actor, no_restart=True)
         for bank in banks:
             bank.shutdown()
-        gpus.release()
+        if gpus is not None:
+            gpus.release()
         ray.kill(lock)
     summary.update(wall_seconds=time.perf_counter() - started, train_seconds=train_seconds,
                    **throughput(run_dir / "metrics.jsonl"))

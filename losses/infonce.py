@@ -93,6 +93,40 @@ def nt_xent_global(z1: torch.Tensor, z2: torch.Tensor, all_z1: torch.Tensor, all
 
 
 @float32
+def multi_positive_nt_xent(z: torch.Tensor, all_z: torch.Tensor, offset: int, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent with every view of a sample as positives: SimCLR's loss for V ≥ 2 views per sample
+    (multi-crop: 2 global and V-2 local views), the multi-positive form of SupCon's L_out (Khosla et
+    al., 2020, Eq. 2) with "same sample" as the class.
+
+    z: [n, V, D], this worker's V views of n samples; all_z: [N, V, D], every worker's, this worker's
+    rows at offset..offset+n-1. Each of the n·V anchors i is contrasted with the N·V - 1 other
+    embeddings A(i) of the global batch; its positives P(i) are its sample's other V - 1 views:
+        L = mean_i  -1/|P(i)| Σ_{p ∈ P(i)} log( exp(s_ip/τ) / Σ_{a ∈ A(i)} exp(s_ia/τ) ),
+    s the cosine similarity. V = 2 is `nt_xent_global` (and `nt_xent` with N = n).
+    """
+    check_temperature("temperature", temperature)
+    if z.dim() != 3 or all_z.dim() != 3 or z.shape[1:] != all_z.shape[1:] or z.shape[1] < 2:
+        raise ValueError(f"z must be [n, V, D] and all_z [N, V, D] with V >= 2, got {tuple(z.shape)} and "
+                         f"{tuple(all_z.shape)}")
+    n, views, _ = z.shape
+    total = all_z.shape[0]
+    if not 0 <= offset <= total - n:
+        raise ValueError(f"local views {tuple(z.shape)} at offset {offset} must be rows of {tuple(all_z.shape)}")
+    anchors = normalize(z.flatten(0, 1))  # [n·V, D], sample-major: row i·V + v
+    keys = normalize(all_z.flatten(0, 1))  # [N·V, D]
+    logits = anchors @ keys.T / temperature
+    own = (torch.arange(n, device=z.device) + offset).repeat_interleave(views)  # each anchor's sample
+    column_sample = torch.arange(total, device=z.device).repeat_interleave(views)
+    itself = own * views + torch.arange(views, device=z.device).repeat(n)
+    rows = torch.arange(n * views, device=z.device)
+    is_itself = torch.zeros_like(logits, dtype=torch.bool)
+    is_itself[rows, itself] = True
+    log_prob = F.log_softmax(logits.masked_fill(is_itself, float("-inf")), dim=1)
+    positive = (column_sample.unsqueeze(0) == own.unsqueeze(1)) & ~is_itself  # [n·V, N·V]
+    return -(log_prob.masked_fill(~positive, 0.0).sum(dim=1) / (views - 1)).mean()
+
+
+@float32
 def patch_nce(feat_q: torch.Tensor, feat_k: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     """CUT's PatchNCE (001_*.txt): feat_q, feat_k [B, P, D] features of P patch locations in the
     output and input images. Each query patch's positive is the key patch at the same location;

@@ -10,6 +10,8 @@ Paper defaults (Sect. 5.1.2):
     npid  τ 0.1, K 16,384, bank ω 0.5, bank stores the query embedding; intra from the same bank
     moco  τ 0.2, queue 65,536, key momentum 0.999; a second bank stores key features with ω = 1
     byol  no negatives; bank stores target projections with ω = 1; target τ_base 0.99
+Multi-crop (`local_crops`, bases moco and byol): the local views enter the base's intra loss only;
+the inter branch's anchors and the bank's features come from the global views.
 `warmup_epochs`: epochs of intra only before the inter branch starts (clusters of a young encoder
 are noise). 10,000 clusters for ImageNet is the bank's setting (`MemoryBank.create(num_clusters=...)`).
 """
@@ -32,8 +34,8 @@ BASE_BUILDERS = {
                                      bank_momentum=a["bank_momentum"]),
     "moco": lambda backbone, a: MoCo(backbone, temperature=a["temperature"], queue_size=a["queue_size"],
                                      key_momentum=a["key_momentum"], symmetric=a["symmetric"],
-                                     shuffle_bn=a["shuffle_bn"], bn_splits=a["bn_splits"]),
-    "byol": lambda backbone, a: BYOL(backbone, base_decay=a["base_decay"]),
+                                     shuffle_bn=a["shuffle_bn"], bn_splits=a["bn_splits"], local_crops=a["local_crops"]),
+    "byol": lambda backbone, a: BYOL(backbone, base_decay=a["base_decay"], local_crops=a["local_crops"]),
 }
 BASES = tuple(BASE_BUILDERS)
 
@@ -44,10 +46,12 @@ class InterCLR(Method):
                  intra_margin: float = 0.0, weight: float = 0.75, temperature: float | None = None,
                  bank_momentum: float | None = None, warmup_epochs: int = 0, queue_size: int = 65_536,
                  key_momentum: float = 0.999, base_decay: float = 0.99, shuffle_bn: bool = True,
-                 bn_splits: int = BN_SPLITS, symmetric: bool = False):
+                 bn_splits: int = BN_SPLITS, symmetric: bool = False, local_crops: int = 0):
         super().__init__()
         if base not in BASE_BUILDERS:
             raise ValueError(f"unknown InterCLR base {base!r} (choose from {', '.join(BASES)})")
+        if local_crops and base == "npid":
+            raise ValueError("NPID-InterCLR has one view per sample: local views (multi-crop) need base moco or byol")
         self.base_name = base
         self.temperature = DEFAULT_TEMPERATURE[base] if temperature is None else temperature
         self.bank_momentum = DEFAULT_BANK_MOMENTUM[base] if bank_momentum is None else bank_momentum
@@ -57,9 +61,9 @@ class InterCLR(Method):
         self.base = BASE_BUILDERS[base](backbone, {
             "temperature": self.temperature, "num_negatives": num_negatives, "bank_momentum": self.bank_momentum,
             "queue_size": queue_size, "key_momentum": key_momentum, "base_decay": base_decay,
-            "shuffle_bn": shuffle_bn, "bn_splits": bn_splits, "symmetric": symmetric})
+            "shuffle_bn": shuffle_bn, "bn_splits": bn_splits, "symmetric": symmetric, "local_crops": local_crops})
         self.embed_dim = self.base.embed_dim
-        self.num_views, self.recipe = self.base.num_views, self.base.recipe
+        self.num_views, self.recipe, self.local_crops = self.base.num_views, self.base.recipe, local_crops
 
     @property
     def backbone(self) -> torch.nn.Module:

@@ -60,6 +60,7 @@ class Method(nn.Module):
     num_views = 2
     momentum_pairs: tuple[tuple[str, str], ...] = ()  # (online attribute, target attribute)
     contrastive = True  # has negatives (InfoNCE-type loss); BYOL has none
+    local_crops = 0  # multi-crop: small views after the `num_views` global ones (the methods that take them)
 
     banks: list | None = None
 
@@ -135,10 +136,15 @@ class Method(nn.Module):
 
     def views(self, batch: dict) -> list[torch.Tensor]:
         views = batch["views"]
-        if len(views) < self.num_views:
-            raise ValueError(f"{type(self).__name__} needs {self.num_views} views per sample (recipe "
-                             f"{self.recipe!r}), the batch has {len(views)}")
+        if len(views) < self.num_views + self.local_crops:
+            locals_ = f" and {self.local_crops} local" if self.local_crops else ""
+            raise ValueError(f"{type(self).__name__} needs {self.num_views} global{locals_} views per sample "
+                             f"(recipe {self.recipe!r}), the batch has {len(views)}")
         return views
+
+    def local_views(self, batch: dict) -> list[torch.Tensor]:
+        """The multi-crop views: the `local_crops` after the global ones (none when off)."""
+        return self.views(batch)[self.num_views:self.num_views + self.local_crops]
 
     @torch.no_grad()
     def bank_features(self, batch: dict) -> list[torch.Tensor]:

@@ -1,6 +1,9 @@
 """MoCo-v2 (Chen et al., 2020b; InterCLR Sect. 5.1.2): query encoder + MLP head, a momentum key
 encoder (m 0.999), a queue of K = 65,536 keys, InfoNCE with τ 0.2 (Eq. 1 with the queue as
 negatives), symmetric over the two views as in mmselfsup's MoCo-v2 configs when `symmetric`.
+Multi-crop (`local_crops`, SwAV's views applied to MoCo): each local view is one more query against
+its sample's global key(s) — view 2's, and view 1's too when symmetric; only global views make keys,
+enter the queue and (InterCLR-MoCo) write the bank.
 Keys are computed with shuffle BN (facebookresearch/moco `builder.py`; `models.momentum.shuffled_forward`):
 across DDP workers, or on one worker in `bn_splits` sub-batches (queries too), so a query's BN batch
 never is its key's."""
@@ -20,8 +23,10 @@ class MoCo(QueryKeyEncoders, Method):
 
     def __init__(self, backbone: torch.nn.Module, embed_dim: int = 128, hidden_dim: int = 2048,
                  temperature: float = 0.2, queue_size: int = 65_536, key_momentum: float = 0.999,
-                 symmetric: bool = False, shuffle_bn: bool = True, bn_splits: int = BN_SPLITS):
+                 symmetric: bool = False, shuffle_bn: bool = True, bn_splits: int = BN_SPLITS,
+                 local_crops: int = 0):
         super().__init__()
+        self.local_crops = local_crops
         self.backbone = backbone
         self.head = ProjectionHead(backbone.dim, embed_dim, hidden_dim)
         self.key_backbone, self.key_head = momentum_copy(self.backbone), momentum_copy(self.head)
@@ -54,15 +59,22 @@ class MoCo(QueryKeyEncoders, Method):
         return info_nce(q, k, self.queue.keys.clone(), self.temperature, margin)
 
     def intra_step(self, batch: dict, bank=None, inter: InterQuery | None = None, margin: float = 0.0) -> IntraStep:
-        """MoCo's loss for view 1's queries against view 2's keys; the bank stores the keys (ω = 1,
-        as mmselfsup's InterCLR-MoCo writes key features)."""
+        """MoCo's loss for view 1's queries against view 2's keys (and view 2's against view 1's when
+        symmetric), each local view's queries against those keys too, averaged over the (query, key)
+        pairs; the bank stores view 2's keys (ω = 1, as mmselfsup's InterCLR-MoCo writes key
+        features) and the inter branch's anchors are view 1's queries."""
         x1, x2 = self.views(batch)[:2]
         q1, k2 = self.query(x1), self.keys(x2)
-        loss = self.contrast(q1, k2, margin)
+        pairs, keys = [(q1, k2)], [k2]
         if self.symmetric:
-            q2, k1 = self.query(x2), self.keys(x1)
-            loss = (loss + self.contrast(q2, k1, margin)) / 2
+            k1 = self.keys(x1)
+            pairs.append((self.query(x2), k1))
+            keys.append(k1)
             self.push_after_step(self.queue, k1)
+        for local in self.local_views(batch):
+            q = self.query(local)
+            pairs += [(q, k) for k in keys]
+        loss = sum(self.contrast(q, k, margin) for q, k in pairs) / len(pairs)
         self.push_after_step(self.queue, k2)
         return IntraStep(loss, [q1], k2)
 

@@ -6,12 +6,15 @@ App. C.1, the study's settings): "align_uniform" (AU-CL, Wang & Isola: t = 2; th
 "hard_negative" (HN-CL, Robinson et al.: τ⁺ 0.1, β 1.0, τ from `temperature`, 004 uses 0.5), and
 "cmc" — multi-view CL on augmentation views, 004's "CMC (K = 4)": `positives` + 1 views of each
 sample, `losses.cmc_loss` over their head outputs as the full graph (002 Eq. 8), in-batch negatives
-(004 App. C.2: τ 0.07, Eq. 8). The three baselines contrast each worker's own batch (no gather)."""
+(004 App. C.2: τ 0.07, Eq. 8). The three baselines contrast each worker's own batch (no gather).
+Multi-crop (`local_crops`, SwAV's views applied to SimCLR): the two global and the local views of a
+sample are each other's positives, the other samples' views the negatives (`multi_positive_nt_xent`
+over the global batch)."""
 from __future__ import annotations
 
 import torch
 
-from losses import align_uniform_loss, cmc_loss, hard_negative_loss, nt_xent, nt_xent_global
+from losses import align_uniform_loss, cmc_loss, hard_negative_loss, multi_positive_nt_xent, nt_xent, nt_xent_global
 from models.heads import ProjectionHead
 from models.method import Method
 from models.momentum import all_gather_with_grad
@@ -23,8 +26,13 @@ class SimCLR(Method):
     recipe = "two_crop"
 
     def __init__(self, backbone: torch.nn.Module, embed_dim: int = 128, hidden_dim: int = 2048,
-                 temperature: float = 0.5, gather: bool = True, loss: str = "nt_xent", positives: int = 1):
+                 temperature: float = 0.5, gather: bool = True, loss: str = "nt_xent", positives: int = 1,
+                 local_crops: int = 0):
         super().__init__()
+        if local_crops and (loss != "nt_xent" or positives != 1):
+            raise ValueError(f"SimCLR's multi-crop is multi-positive NT-Xent on two global views; got loss={loss!r}, "
+                             f"positives={positives}")
+        self.local_crops = local_crops
         if loss not in LOSSES:
             raise ValueError(f"SimCLR loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if positives < 1 or (positives > 1 and loss != "cmc"):
@@ -41,7 +49,12 @@ class SimCLR(Method):
     def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
         views = self.views(batch)[:self.num_views]
         z = [self.head(self.backbone(v)) for v in views]
-        if self.loss == "cmc":
+        if self.local_crops:
+            z += [self.head(self.backbone(v)) for v in self.local_views(batch)]
+            stacked = torch.stack(z, dim=1)  # [n, 2 + locals, D]
+            everyone, offset = all_gather_with_grad(stacked) if self.gather else (stacked, 0)
+            loss = multi_positive_nt_xent(stacked, everyone, offset, self.temperature)
+        elif self.loss == "cmc":
             loss = cmc_loss(z, self.temperature, paradigm="full")
         elif self.loss == "align_uniform":
             loss = align_uniform_loss(z[0], z[1], t=2.0)

@@ -26,16 +26,19 @@ def build_method(config: JobConfig, num_classes: int | None = None) -> Method:
         return InterCLR(backbone, base=m.base, num_negatives=m.num_negatives, strategy=m.strategy,
                         weight=m.weight, inter_margin=m.inter_margin, warmup_epochs=m.warmup_epochs,
                         queue_size=m.queue_size, key_momentum=m.key_momentum, shuffle_bn=config.model.shuffle_bn,
-                        bn_splits=config.model.bn_splits, symmetric=m.symmetric, **temperature)
+                        bn_splits=config.model.bn_splits, symmetric=m.symmetric,
+                        local_crops=config.data.local_crops, **temperature)
     if m.name == "npid":
         return NPID(backbone, num_negatives=m.num_negatives, **temperature)
     if m.name == "moco":
         return MoCo(backbone, queue_size=m.queue_size, key_momentum=m.key_momentum, symmetric=m.symmetric,
-                    shuffle_bn=config.model.shuffle_bn, bn_splits=config.model.bn_splits, **temperature)
+                    shuffle_bn=config.model.shuffle_bn, bn_splits=config.model.bn_splits,
+                    local_crops=config.data.local_crops, **temperature)
     if m.name == "simclr":
-        return SimCLR(backbone, gather=m.gather, loss=m.loss, positives=m.positives, **temperature)
+        return SimCLR(backbone, gather=m.gather, loss=m.loss, positives=m.positives,
+                      local_crops=config.data.local_crops, **temperature)
     if m.name == "byol":
-        return BYOL(backbone)
+        return BYOL(backbone, local_crops=config.data.local_crops)
     if m.name == "cacr":
         return CACR(backbone, num_positives=m.positives, queue_size=m.queue_size or None, key_momentum=m.key_momentum,
                     intra_batch=m.intra_batch, detach_weights=m.detach_queue_weights,
@@ -56,11 +59,24 @@ def uses_sync_bn(config: JobConfig) -> bool:
     return m.name in ("simclr", "byol") or (m.name == "interclr" and m.base == "byol")
 
 
+def local_size(config: JobConfig) -> int:
+    """data.local_size, or SwAV's 96 px of 224 at data.image_size."""
+    d = config.data
+    return d.local_size if d.local_size is not None else max(8, round(d.image_size * 96 / 224))
+
+
 def training_recipe(method: Method, config: JobConfig):
-    """The method's views at `data.image_size`, with `data.min_crop_scale` applied to every view."""
-    recipe = method.recipe_for(config.data.image_size)
-    low = config.data.min_crop_scale
-    if low is None:
-        return recipe
-    return dataclasses.replace(recipe, views=tuple(dataclasses.replace(v, scale=(low, v.scale[1]))
-                                                   for v in recipe.views))
+    """The method's views at `data.image_size`, with `data.min_crop_scale` applied to every view,
+    then `data.local_crops` local views (SwAV's multi-crop: `data.local_size` px, area
+    `data.local_scale`, the same colour pipeline; pipeline.views.multi_crop's layout, globals first)."""
+    from pipeline.views import ViewSpec, small_image_blur  # DALI: only where views are made
+    d = config.data
+    recipe = method.recipe_for(d.image_size)
+    views = recipe.views
+    if d.min_crop_scale is not None:
+        views = tuple(dataclasses.replace(v, scale=(d.min_crop_scale, v.scale[1])) for v in views)
+    if d.local_crops:
+        size = local_size(config)
+        local = ViewSpec(size, scale=tuple(d.local_scale), p_blur=small_image_blur(size))
+        views += (local,) * d.local_crops
+    return recipe if views == recipe.views else dataclasses.replace(recipe, views=views)

@@ -35,7 +35,12 @@ class DataConfig:
     loader_threads: int = 2
     prefetch: int = 2  # batches in flight per loader actor
     device: str = "cpu"  # DALI device: "cpu" or "gpu" (nvJPEG decode + GPU ops)
-    min_crop_scale: float | None = None  # RandomResizedCrop's smallest area fraction (None: the recipe's, 0.2)
+    min_crop_scale: float | None = None  # the global views' smallest RandomResizedCrop area (None: the recipe's, 0.2)
+    # multi-crop (SwAV's): this many small views per sample after the method's global ones (0: off);
+    # MoCo-v2, InterCLR-MoCo / -BYOL, SimCLR and BYOL use them (models/: each method's `local_crops`)
+    local_crops: int = 0
+    local_size: int | None = None  # px; None: data.image_size × 96/224 (SwAV's 96 of 224)
+    local_scale: tuple[float, float] = (0.05, 0.14)  # the local views' RandomResizedCrop area (SwAV's)
 
 
 @dataclass
@@ -134,7 +139,8 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON/YAML data (tuples as lists): what config.json holds and print_config prints."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict) -> "JobConfig":
@@ -154,15 +160,17 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "b
 _BANK = ("bank.shards", "bank.dtype", "bank.init", "bank.gpus_per_shard")
 _CLUSTERS = ("bank.clusters", "bank.min_cluster", "bank.labels", "bank.kmeans_iters", "bank.kmeans_init")
 _KEY_ENCODER = ("method.queue_size", "method.key_momentum", "model.shuffle_bn", "model.bn_splits")
+_LOCAL = ("data.local_crops", "data.local_size", "data.local_scale")  # multi-crop
 METHOD_KEYS = {
-    "simclr": ("method.temperature", "method.gather", "method.loss", "method.positives"),
+    "simclr": ("method.temperature", "method.gather", "method.loss", "method.positives", *_LOCAL),
     "npid": ("method.temperature", "method.num_negatives", *_BANK),
-    "moco": ("method.temperature", "method.symmetric", *_KEY_ENCODER),
-    "byol": (),
+    "moco": ("method.temperature", "method.symmetric", *_KEY_ENCODER, *_LOCAL),
+    "byol": _LOCAL,
     "cmc": ("method.temperature", "method.num_negatives", "method.paradigm", "method.colorspace", *_BANK),
     "cacr": ("method.positives", "method.intra_batch", "method.detach_queue_weights", *_KEY_ENCODER),
     "interclr": ("method.base", "method.num_negatives", "method.strategy", "method.weight", "method.inter_margin",
-                 "method.warmup_epochs", "method.temperature", "method.symmetric", *_KEY_ENCODER, *_BANK, *_CLUSTERS),
+                 "method.warmup_epochs", "method.temperature", "method.symmetric", *_KEY_ENCODER, *_BANK, *_CLUSTERS,
+                 *_LOCAL),
     "supervised": ("method.imclr",),
 }
 METHOD_NAMES = tuple(METHOD_KEYS)
@@ -227,7 +235,20 @@ _OPTIONAL_TYPES = {"train.optimizer": str, "train.lr": float, "train.weight_deca
                    "train.lr_warmup_epochs": int, "train.trust_coefficient": float,
                    "train.exclude_bias_and_norm": bool, "data.min_crop_scale": float, "train.max_steps": int,
                    "train.torch_threads": int, "train.precision": str, "model.sync_bn": bool,
-                   "method.temperature": float, "eval.knn_train_samples": int, "eval.monitor_samples": int}
+                   "method.temperature": float, "eval.knn_train_samples": int, "eval.monitor_samples": int,
+                   "data.local_size": int}
+_PAIRS = {"data.local_scale"}  # two floats: "0.05,0.14" on the command line, [0.05, 0.14] in a file
+DEFAULTS.update({key: tuple(DEFAULTS[key]) for key in _PAIRS})  # as `typed` returns them
+
+
+def _pair(name: str, value) -> tuple[float, float]:
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        if isinstance(parts, (list, tuple)) and len(parts) == 2 and not any(type(p) is bool for p in parts):
+            return float(parts[0]), float(parts[1])
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{name}={value!r}: expected two numbers (LOW,HIGH)")
 
 
 def _convert(text: str, current, name: str):
@@ -249,6 +270,8 @@ def typed(dotted: str, value):
     `1e-4`, which it reads as a string); numbers, booleans and null from YAML or JSON are checked."""
     if dotted not in DEFAULTS:
         raise _unknown_key(dotted)
+    if dotted in _PAIRS:
+        return _pair(dotted, value)
     if dotted == "train.precision" and type(value) is int:
         value = str(value)  # `precision: 32` in YAML is Lightning's "32"
     if isinstance(value, str):
@@ -368,6 +391,18 @@ def validate(config: JobConfig) -> JobConfig:
         (config.bank.kmeans_init in ("random", "kmeans++"),
          f"bank.kmeans_init must be random or kmeans++, got {config.bank.kmeans_init!r}"),
         (config.bank.init in ("extract", "random"), f"bank.init must be extract or random, got {config.bank.init!r}"),
+        (config.data.local_crops >= 0, f"data.local_crops must be >= 0, got {config.data.local_crops}"),
+        (config.data.local_size is None or config.data.local_size >= 8,
+         f"data.local_size must be at least 8 px, got {config.data.local_size}"),
+        (0 < config.data.local_scale[0] <= config.data.local_scale[1] <= 1,
+         f"data.local_scale must be LOW,HIGH with 0 < LOW <= HIGH <= 1, got {config.data.local_scale}"),
+        (config.data.local_crops == 0 or config.method.name != "interclr" or config.method.base != "npid",
+         f"data.local_crops={config.data.local_crops}: NPID-InterCLR has one view per sample and no place for "
+         f"local views (multi-crop is MoCo-v2's, SimCLR's, BYOL's and their InterCLR forms')"),
+        (config.data.local_crops == 0 or config.method.name != "simclr" or
+         (config.method.loss == "nt_xent" and config.method.positives == 1),
+         f"data.local_crops: SimCLR's multi-crop is multi-positive NT-Xent on two global views; got method.loss="
+         f"{config.method.loss}, method.positives={config.method.positives}"),
         (config.data.min_crop_scale is None or 0 < config.data.min_crop_scale <= 1,
          f"data.min_crop_scale must be in (0, 1], got {config.data.min_crop_scale}"),
         (config.train.epochs > 0, f"train.epochs must be positive, got {config.train.epochs}"),

@@ -321,7 +321,8 @@ def monitor_due(config: JobConfig, epochs_done: int) -> bool:
 def monitor(worker: Worker, step: int, epochs_done: int, logger) -> None:
     """Online kNN (solo-learn's `knn` callback): the trained backbone's weighted kNN top-1 on val
     with a memory of `eval.monitor_samples` train images, every rank extracting its share; rank 0
-    logs it to metrics.jsonl and TensorBoard as `knn_top1_monitor`. Training mode is restored."""
+    logs it to metrics.jsonl and TensorBoard as `knn_top1_monitor`, with the wall clock (`time`, Unix
+    seconds: benchmarks/learning.py's curves against wall minutes). Training mode is restored."""
     config = worker.config
     space = worker.method.recipe_for(config.data.image_size).colorspace
     with torch.no_grad():
@@ -329,7 +330,7 @@ def monitor(worker: Worker, step: int, epochs_done: int, logger) -> None:
                                config.eval.monitor_samples, f"monitor, epoch {epochs_done}")
     worker.method.train(True)
     if logger is not None and found is not None:
-        logger.write({"step": step, "epoch": epochs_done, "knn_top1_monitor": found[0]})
+        logger.write({"step": step, "epoch": epochs_done, "knn_top1_monitor": found[0], "time": time.time()})
 
 
 def _bank_wait(banks) -> float:

@@ -89,3 +89,16 @@ def make_webvision(root: Path, per_class: int, num_classes: int = 4, seed: int =
         expected["val"][f"val_images_256/{name}"] = (data, label, "val")
     (root / "info" / "val_filelist.txt").write_text("\n".join(lines) + "\n")
     return expected
+
+
+def benchmark_module(name: str):
+    """benchmarks/<name>.py imported as module `name` (the folder is not a package), removed again
+    afterwards: `yield from` it in a fixture."""
+    import importlib.util
+    import sys
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(name, None)

@@ -4,27 +4,21 @@ parameter; here one that records its calls), and that a cell's config is the dem
 exactly the cell's overrides."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 from runtime.config import PRESETS, JobConfig, resolve_optimizer
+from tests import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def fidelity():
-    spec = importlib.util.spec_from_file_location("fidelity", ROOT / "benchmarks" / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fidelity"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("fidelity", None)
+    yield from datasets.benchmark_module("fidelity")
 
 
 class KilledStudy(Exception):

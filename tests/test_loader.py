@@ -212,6 +212,18 @@ def test_multi_crop_views_are_grouped_by_resolution_large_first(shards):
     assert not torch.equal(views[2], views[3])
 
 
+def test_local_crops_of_a_job_config_reach_the_batch_at_their_sizes(shards):
+    """data.local_crops through the job's recipe (runtime.build.training_recipe) and DALI: 2 global
+    views at data.image_size, then the local ones at data.local_size, each drawn separately."""
+    from runtime.build import build_method, training_recipe
+    from runtime.config import parse_args
+    config, _ = parse_args(["--preset", "demo", "--set", "data.image_size=32", "--set", "data.local_crops=3",
+                            "--set", "data.local_size=12"], method="byol")
+    views = next(iter(build_loader(shards, training_recipe(build_method(config), config), 4)))["views"]
+    assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, 12, 12)] * 3
+    assert not torch.equal(views[2], views[3]) and not torch.equal(views[3], views[4])
+
+
 def test_imclr_rows_are_two_named_samples_side_by_side_with_mean_labels(shards):
     from pipeline.views import imclr
     deterministic = Recipe("center", (ViewSpec(SMALL, random=False),))

@@ -27,6 +27,29 @@ from torch import nn
 from models.momentum import ema_update
 
 
+class HostCopy:
+    """A tensor on its way to host memory. On a CUDA device it is copied into pinned memory
+    (`non_blocking`: a real asynchronous copy) behind the kernels queued so far, with a CUDA event
+    recorded after the copy; `get()` waits for that event only, not for the work queued later
+    (backward, the optimiser step). On the CPU it is the tensor itself."""
+
+    def __init__(self, tensor: torch.Tensor):
+        tensor = tensor.detach()
+        self.event = None
+        if tensor.is_cuda:
+            self.value = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.value.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(tensor.device))
+        else:
+            self.value = tensor
+
+    def get(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.value
+
+
 @dataclass(frozen=True)
 class InterQuery:
     """InterCLR's inter-branch request (003 Sect. 4.2): negatives, strategy, τ, semi-hard pool."""
@@ -121,8 +144,11 @@ class Method(nn.Module):
 
     def write_bank_after_step(self, bank, ids, feats: torch.Tensor) -> None:
         """Queue a bank update (Eq. 2) for after the optimiser step (`after_step`); the trainer does
-        not wait for the shards (`MemoryBank.update(block=False)`; its next query completes it)."""
-        self.after_step(partial(bank.update, ids, feats.detach(), block=False))
+        not wait for the shards (`MemoryBank.update(block=False)`; its next query completes it).
+        On a GPU the ids and features start their copy to pinned host memory now (`HostCopy`), so
+        the update after the step waits for that copy alone, not for backward to finish."""
+        ids, feats = HostCopy(ids), HostCopy(feats)
+        self.after_step(lambda: bank.update(ids.get(), feats.get(), block=False))
 
     def push_after_step(self, queue, keys: torch.Tensor) -> None:
         """Enqueue `keys` after the optimiser step. Gathered from every worker now (a collective every

@@ -80,3 +80,18 @@ def test_half_precision_shard_scores_from_its_stored_values(dtype):
     assert sims.dtype == torch.float32
     tolerance = 2e-3 if dtype == "float16" else 1.6e-2  # one rounding of q to the storage dtype
     torch.testing.assert_close(sims, q @ half.feats.float().T, atol=tolerance, rtol=0)
+
+
+def test_host_copy_of_a_bank_update_is_pinned_and_waits_for_its_own_copy_only():
+    """models.method.HostCopy: the features of a bank update leave the GPU through pinned memory
+    while later kernels are still queued; get() returns the values without a device-wide sync."""
+    from models.method import HostCopy
+    x = torch.randn(512, 128, device="cuda")
+    copy = HostCopy(x)
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        busy = busy @ busy.T / 4096  # queued behind the copy
+    value = copy.get()
+    assert value.is_pinned() and not value.is_cuda
+    torch.testing.assert_close(value, x.cpu())
+    assert copy.event.query()

@@ -179,6 +179,14 @@ def one_step(method, batch, progress: float = 0.0):
     method.after_optimizer_step(progress)
 
 
+def test_host_copy_on_the_cpu_is_the_tensor_itself_detached():
+    from models.method import HostCopy
+    x = torch.randn(4, 3, requires_grad=True)
+    value = HostCopy(x * 2).get()
+    assert not value.requires_grad and value.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(value, x.detach() * 2)
+
+
 def test_simclr_learns_on_a_repeated_batch():
     torch.manual_seed(0)
     assert_learns(train_steps(SimCLR(tiny_backbone(), hidden_dim=64), batch_of(2), 8))

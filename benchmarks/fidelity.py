@@ -501,13 +501,17 @@ def linear_probe(run_dir: Path, config, probe_root: Path, epochs: int) -> float:
     return float(json.loads((probe_dir / "linear_eval.json").read_text())["linear_top1"])
 
 
+def require_fashion_mnist() -> None:
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        raise SystemExit(f"error: Fashion-MNIST not found in {FASHION_MNIST_DIR} "
+                         "(apt-get install dataset-fashion-mnist, or set FASHION_MNIST_DIR)")
+
+
 def prepare_datasets(cells: list[Cell], budget: Budget, log=print) -> None:
     """Fashion-MNIST shards for every set the cells use, by pipeline.convert (skipped when done;
     an interrupted conversion is resumed). Every set's val split is the full 10k test set."""
     from pipeline.convert import convert
-    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
-        raise SystemExit(f"error: Fashion-MNIST not found in {FASHION_MNIST_DIR} "
-                         "(apt-get install dataset-fashion-mnist, or set FASHION_MNIST_DIR)")
+    require_fashion_mnist()
     for name, path in datasets_needed(cells, budget):
         for split in ("train", "val"):
             if (path / f"{split}.json").exists():

@@ -18,7 +18,7 @@ OUT/learning.json collects the cached cells, OUT/learning_curves.png draws them 
 seen and against wall minutes, with each encoder's random-init and pixel lines).
 
 A cell's epochs are chosen so that its estimated wall time stays within `--budget-minutes` (60): the
-cost model is the encoder's measured forward+backward rate on these cores (ENCODER_RATES) divided
+cost model is the encoder's measured forward+backward rate on these cores (ENCODERS) divided
 by the method's forward-equivalents per image (METHOD_UNITS), capped by the loader's rate; the wall
 time a cell actually took is what the JSON reports.
 """
@@ -31,20 +31,21 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+from benchmarks.fidelity import FASHION_MNIST_DIR, require_fashion_mnist, write_json_atomic  # noqa: E402
+
 DATA_DIR = REPO / "data" / "learning" / "fashion-mnist"  # the full 60k / 10k conversion; gitignored
 OUT = REPO / "benchmarks" / "results" / "learning"
 RUNS = REPO / "runs" / "learning"
 TRAIN_IMAGES = 60_000
 
-# name → (overrides, measured forward+backward images/s of the backbone, batch 128, 2 threads, this
-# 2-core x86_64 machine; /tmp-free measurement in docs/benchmarks.md "learning")
+# name → (overrides, forward+backward images/s of the backbone alone: batch 128, 2 torch threads, SGD,
+# measured on this 2-core x86_64 machine on 2026-12-07)
 ENCODERS = {
     "std28": ({"model.small_images": False, "model.width": 0.5, "data.image_size": 28}, 2350.0),
     "small28-w0.5": ({"model.small_images": True, "model.width": 0.5, "data.image_size": 28}, 216.0),
@@ -64,8 +65,7 @@ STARTUP_SECONDS = 90.0  # Ray, actors, first batches
 MONITORS = 4  # monitor points per cell
 EVAL_UNITS = (MONITORS + 2) * 70_000 / 3
 MAX_EPOCHS = 40
-# multi-crop: N small views of LOCAL_SIZE, each costing (LOCAL_SIZE / size)^2 of a global view
-LOCAL_CROPS = 4
+LOCAL_CROPS = 4  # the multi-crop cells' local views, each costing (local_size / image_size)^2 of a global one
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,6 @@ class Cell:
     method: str
     encoder: str
     local_crops: int = 0
-    overrides: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def name(self) -> str:
@@ -96,15 +95,18 @@ def local_size(cell: Cell) -> int:
     return max(8, round(cell.image_size * 16 / 28))  # 16 px locals at 28 px (SwAV: 96 of 224, ×0.43)
 
 
+def fixed_seconds(cell: Cell) -> float:
+    """What a cell costs besides its epochs: start-up, the monitor points, the final evaluation."""
+    return STARTUP_SECONDS + EVAL_UNITS / ENCODERS[cell.encoder][1]
+
+
 def epochs_for(cell: Cell, budget_minutes: float) -> int:
-    rate = images_per_second(cell)
-    fixed = STARTUP_SECONDS + EVAL_UNITS / ENCODERS[cell.encoder][1]
-    return max(1, min(MAX_EPOCHS, math.floor((budget_minutes * 60 - fixed) * rate / TRAIN_IMAGES)))
+    epochs = (budget_minutes * 60 - fixed_seconds(cell)) * images_per_second(cell) / TRAIN_IMAGES
+    return max(1, min(MAX_EPOCHS, math.floor(epochs)))
 
 
 def estimate_seconds(cell: Cell, epochs: int) -> float:
-    fixed = STARTUP_SECONDS + EVAL_UNITS / ENCODERS[cell.encoder][1]
-    return fixed + epochs * TRAIN_IMAGES / images_per_second(cell)
+    return fixed_seconds(cell) + epochs * TRAIN_IMAGES / images_per_second(cell)
 
 
 def grid() -> list[Cell]:
@@ -128,11 +130,6 @@ def overrides_for(cell: Cell, budget_minutes: float) -> dict:
     return out
 
 
-def multi_crop_available() -> bool:
-    from runtime.config import DEFAULTS
-    return "data.local_crops" in DEFAULTS
-
-
 def build_config(cell: Cell, overrides: dict):
     from runtime.config import parse_args
     argv = ["--config", str(REPO / "configs" / cell.method / "fashion_mnist.yaml")]
@@ -145,9 +142,7 @@ def build_config(cell: Cell, overrides: dict):
 
 def prepare_data(log) -> None:
     from pipeline.convert import convert
-    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
-        raise SystemExit(f"error: Fashion-MNIST not found in {FASHION_MNIST_DIR} "
-                         "(apt-get install dataset-fashion-mnist, or set FASHION_MNIST_DIR)")
+    require_fashion_mnist()
     for split in ("train", "val"):
         if not (DATA_DIR / f"{split}.json").exists():
             log(f"learning: converting {split} to {DATA_DIR}")
@@ -157,13 +152,6 @@ def prepare_data(log) -> None:
 
 def cell_path(cell: Cell) -> Path:
     return OUT / "cells" / f"{cell.name}.json"
-
-
-def write_json_atomic(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
 
 
 def curve(run_dir: Path, batch: int, started: float) -> list[dict]:
@@ -177,7 +165,7 @@ def curve(run_dir: Path, batch: int, started: float) -> list[dict]:
     return points
 
 
-def run_cell(cell: Cell, overrides: dict, log) -> dict:
+def run_cell(cell: Cell, overrides: dict) -> dict:
     from runtime.driver import run
     config = build_config(cell, overrides)
     run_dir = RUNS / config.name
@@ -261,12 +249,10 @@ def main(argv=None, log=lambda text: print(text, flush=True)) -> int:
             print(f"error: unknown cell {unknown[0]!r} (see --dry-run for the names)", file=sys.stderr)
             return 2
         cells = [c for c in cells if c.name in names]
-    runnable = multi_crop_available()
     todo, total = [], 0.0
     for cell in cells:
         epochs = epochs_for(cell, args.budget_minutes)
-        status = "cached" if cell_path(cell).exists() else \
-            "needs data.local_crops" if cell.local_crops and not runnable else "run"
+        status = "cached" if cell_path(cell).exists() else "run"
         seconds = estimate_seconds(cell, epochs)
         if status == "run":
             todo.append(cell)
@@ -278,7 +264,7 @@ def main(argv=None, log=lambda text: print(text, flush=True)) -> int:
     prepare_data(log)
     for i, cell in enumerate(todo, 1):
         log(f"learning: cell {i}/{len(todo)} {cell.name}")
-        record = run_cell(cell, overrides_for(cell, args.budget_minutes), log)
+        record = run_cell(cell, overrides_for(cell, args.budget_minutes))
         write_json_atomic(cell_path(cell), record)
         report(log)
     report(log)

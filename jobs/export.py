@@ -143,7 +143,7 @@ def export(run_dir: Path, out_dir: Path, force: bool = False, log=print) -> dict
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     metadata = {
         "method": config.method.name,
-        "base": config.method.base if config.method.name == "interclr" else None,
+        "base": getattr(config.method, "base", None),
         "encoder": m.encoder, "width": m.width, "small_images": m.small_images,
         "image_size": config.data.image_size,
         "input": input_normalisation(method.recipe_for(config.data.image_size).colorspace, config.data.image_size),

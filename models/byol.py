@@ -5,11 +5,13 @@ Multi-crop (`local_crops`, SwAV's views applied to BYOL): each local view's pred
 both global views' targets; only the global views go through the target network."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from losses import byol_loss
 from models.heads import byol_mlp
-from models.method import InterQuery, IntraStep, Method
+from models.method import LOCAL_CROPS, InterQuery, IntraStep, Method, MethodConfig, lars
 from models.momentum import byol_decay, momentum_copy
 
 
@@ -64,3 +66,20 @@ class BYOL(Method):
     def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
         loss = self.intra_step(batch).loss
         return {"loss": loss, "intra": loss.detach()}
+
+
+@dataclass
+class BYOLConfig(MethodConfig):
+    """BYOL has no key of its own (the target's τ schedule starts at the 200-epoch recipe's 0.99)."""
+    name: str = "byol"
+    title = "BYOL"
+    paper = "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning, arXiv:2006.07733"
+    reads = LOCAL_CROPS
+    # 200 epochs: 003 Sect. 5.1.2 (Grill et al.'s 300-epoch recipe: LARS lr 0.3, wd 1e-6; the 1000-epoch
+    # one is lr 0.2, wd 1.5e-6); mmselfsup configs/selfsup/byol/byol_resnet50_16xb256-coslr-200e_in1k.py
+    # (LARS lr 4.8 at 4096 = 0.3 per 256) with lars_coslr-200e_in1k.py (10 warm-up epochs)
+    optimizer = lars(0.3, 1e-6)
+    sync_bn = True  # BN statistics over the whole batch, as BYOL trains
+
+    def build(self, job, num_classes: int | None = None) -> BYOL:
+        return BYOL(self.backbone(job), local_crops=job.data.local_crops)

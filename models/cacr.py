@@ -13,11 +13,13 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from losses import cacr_loss, cacr_multiview_loss
 from models.heads import ProjectionHead
-from models.method import Method
+from models.method import KEY_ENCODER, Method, MethodConfig, sgd
 from models.momentum import BN_SPLITS, MoCoQueue, QueryKeyEncoders, momentum_copy
 
 
@@ -69,3 +71,26 @@ class CACR(QueryKeyEncoders, Method):
         loss = loss / len(queries)
         self.push_after_step(self.queue, keys[:, -1])
         return {"loss": loss, "cacr": loss.detach()}
+
+
+@dataclass
+class CACRConfig(MethodConfig):
+    """CACR's keys: K positives and the MoCo-v2 queue form (004 App. C.2; the official code's defaults)."""
+    name: str = "cacr"
+    positives: int = 1  # K
+    queue_size: int = 65_536  # 0: the mini-batch form (Sect. 3.2)
+    key_momentum: float = 0.999
+    intra_batch: bool = True  # queue form: the batch's other queries as negatives too
+    detach_queue_weights: bool = True  # queue form: the queue's softmax weights without gradient
+    title = "CACR"
+    paper = "Contrastive Attraction and Contrastive Repulsion for Representation Learning, arXiv:2105.03746"
+    reads = KEY_ENCODER
+    # 004 App. C.2, ImageNet-1K in the MoCo-v2 frame: SGD, lr 0.03 at batch 256, momentum 0.9, wd 1e-4
+    # (App. C.1's CIFAR/STL runs use 0.12 per 256 with step decay)
+    optimizer = sgd(0.03, 1e-4)
+
+    def build(self, job, num_classes: int | None = None) -> CACR:
+        return CACR(self.backbone(job), num_positives=self.positives, queue_size=self.queue_size or None,
+                    key_momentum=self.key_momentum, intra_batch=self.intra_batch,
+                    detach_weights=self.detach_queue_weights, shuffle_bn=job.model.shuffle_bn,
+                    bn_splits=job.model.bn_splits)

@@ -12,13 +12,14 @@ the core) or "full" (Eq. 8, every pair).
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
 from losses import cmc_loss, info_nce_from_logits
 from models.encoders import SplitEncoder
 from models.heads import ProjectionHead
-from models.method import BankRequest, Method, single_ids
+from models.method import BANK, BankRequest, Method, MethodConfig, sgd, single_ids
 
 
 class CMC(Method):
@@ -69,3 +70,22 @@ class CMC(Method):
     @torch.no_grad()
     def bank_features(self, batch: dict) -> list[torch.Tensor]:
         return self.embed_views(self.views(batch)[0])
+
+
+@dataclass
+class CMCConfig(MethodConfig):
+    """CMC's keys (002 Sect. 3.2 / App. E.2: τ 0.07, 16,384 bank negatives)."""
+    name: str = "cmc"
+    temperature: float = 0.07
+    num_negatives: int = 16_384
+    paradigm: str = "core"  # more than two channel groups: core (Eq. 7) or full (Eq. 8)
+    colorspace: str = "lab"  # lab | ydbdr
+    title = "CMC"
+    paper = "Contrastive Multiview Coding, arXiv:1906.05849"
+    reads = BANK
+    optimizer = sgd(0.03, 1e-4)  # 002 App. E.2: SGD, lr 0.03, momentum 0.9, wd 1e-4, cosine for ResNets
+
+    def build(self, job, num_classes: int | None = None) -> CMC:
+        backbone = SplitEncoder(lambda channels: self.backbone(job, channels), (1, 2))
+        return CMC(backbone, temperature=self.temperature, num_negatives=self.num_negatives, paradigm=self.paradigm,
+                   colorspace=self.colorspace)

@@ -10,60 +10,51 @@ Paper defaults (Sect. 5.1.2):
     npid  τ 0.1, K 16,384, bank ω 0.5, bank stores the query embedding; intra from the same bank
     moco  τ 0.2, queue 65,536, key momentum 0.999; a second bank stores key features with ω = 1
     byol  no negatives; bank stores target projections with ω = 1; target τ_base 0.99
-Multi-crop (`local_crops`, bases moco and byol): the local views enter the base's intra loss only;
-the inter branch's anchors and the bank's features come from the global views.
+Multi-crop (the base's `local_crops`, bases moco and byol): the local views enter the base's intra
+loss only; the inter branch's anchors and the bank's features come from the global views.
 `warmup_epochs`: epochs of intra only before the inter branch starts (clusters of a young encoder
 are noise). 10,000 clusters for ImageNet is the bank's setting (`MemoryBank.create(num_clusters=...)`).
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
 from losses import info_nce_from_logits, interclr_loss
-from models.byol import BYOL
-from models.method import BankRequest, InterQuery, Method, single_ids
-from models.moco import MoCo
-from models.momentum import BN_SPLITS
-from models.npid import NPID
+from models.byol import BYOLConfig
+from models.method import (BANK, CLUSTERS, KEY_ENCODER, LOCAL_CROPS, BankRequest, InterQuery, Method, MethodConfig,
+                           single_ids)
+from models.moco import MoCoConfig
+from models.npid import NPIDConfig
 
-DEFAULT_TEMPERATURE = {"npid": 0.1, "moco": 0.2, "byol": 0.1}
-DEFAULT_BANK_MOMENTUM = {"npid": 0.5, "moco": 1.0, "byol": 1.0}
-# name → the base method, built from InterCLR's arguments (one table: a new base is one line here)
-BASE_BUILDERS = {
-    "npid": lambda backbone, a: NPID(backbone, temperature=a["temperature"], num_negatives=a["num_negatives"],
-                                     bank_momentum=a["bank_momentum"]),
-    "moco": lambda backbone, a: MoCo(backbone, temperature=a["temperature"], queue_size=a["queue_size"],
-                                     key_momentum=a["key_momentum"], symmetric=a["symmetric"],
-                                     shuffle_bn=a["shuffle_bn"], bn_splits=a["bn_splits"], local_crops=a["local_crops"]),
-    "byol": lambda backbone, a: BYOL(backbone, base_decay=a["base_decay"], local_crops=a["local_crops"]),
-}
-BASES = tuple(BASE_BUILDERS)
+BASE_CONFIGS = {"npid": NPIDConfig, "moco": MoCoConfig, "byol": BYOLConfig}  # a new base is one line here
+BASES = tuple(BASE_CONFIGS)
+NO_BASE_TEMPERATURE = 0.1  # the inter branch's τ over a base without one (BYOL), Sect. 5.1.2
 
 
 class InterCLR(Method):
-    def __init__(self, backbone: torch.nn.Module, base: str = "npid", num_negatives: int = 16_384,
-                 strategy: str = "semi_hard", pool_fraction: float = 0.1, inter_margin: float = -0.5,
-                 intra_margin: float = 0.0, weight: float = 0.75, temperature: float | None = None,
-                 bank_momentum: float | None = None, warmup_epochs: int = 0, queue_size: int = 65_536,
-                 key_momentum: float = 0.999, base_decay: float = 0.99, shuffle_bn: bool = True,
-                 bn_splits: int = BN_SPLITS, symmetric: bool = False, local_crops: int = 0):
+    """InterCLR on a built base method (`Method.intra_step`): `temperature` None takes the base's τ,
+    `bank_momentum` None the base's own bank ω (NPID's 0.5), else 1."""
+
+    def __init__(self, base: Method, num_negatives: int = 16_384, strategy: str = "semi_hard",
+                 pool_fraction: float = 0.1, inter_margin: float = -0.5, intra_margin: float = 0.0,
+                 weight: float = 0.75, temperature: float | None = None, bank_momentum: float | None = None,
+                 warmup_epochs: int = 0):
         super().__init__()
-        if base not in BASE_BUILDERS:
-            raise ValueError(f"unknown InterCLR base {base!r} (choose from {', '.join(BASES)})")
-        if local_crops and base == "npid":
-            raise ValueError("NPID-InterCLR has one view per sample: local views (multi-crop) need base moco or byol")
-        self.base_name = base
-        self.temperature = DEFAULT_TEMPERATURE[base] if temperature is None else temperature
-        self.bank_momentum = DEFAULT_BANK_MOMENTUM[base] if bank_momentum is None else bank_momentum
+        if type(base).intra_step is Method.intra_step:
+            raise ValueError(f"{type(base).__name__} is not an InterCLR base (it has no intra_step)")
+        self.base = base
+        self.temperature = getattr(base, "temperature", NO_BASE_TEMPERATURE) if temperature is None else temperature
+        if bank_momentum is None:
+            bank_momentum = base.bank_momentum if base.bank_requests() else 1.0
+        self.bank_momentum = bank_momentum
         self.num_negatives, self.strategy, self.pool_fraction = num_negatives, strategy, pool_fraction
         self.inter_margin, self.intra_margin, self.weight = inter_margin, intra_margin, weight
         self.warmup_epochs = warmup_epochs
-        self.base = BASE_BUILDERS[base](backbone, {
-            "temperature": self.temperature, "num_negatives": num_negatives, "bank_momentum": self.bank_momentum,
-            "queue_size": queue_size, "key_momentum": key_momentum, "base_decay": base_decay,
-            "shuffle_bn": shuffle_bn, "bn_splits": bn_splits, "symmetric": symmetric, "local_crops": local_crops})
-        self.embed_dim = self.base.embed_dim
-        self.num_views, self.recipe, self.local_crops = self.base.num_views, self.base.recipe, local_crops
+        self.embed_dim = base.embed_dim
+        self.num_views, self.recipe, self.local_crops = base.num_views, base.recipe, base.local_crops
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -128,3 +119,51 @@ class InterCLR(Method):
     @torch.no_grad()
     def bank_features(self, batch: dict) -> list[torch.Tensor]:
         return self.base.bank_features(batch)
+
+
+@dataclass
+class InterCLRConfig(MethodConfig):
+    """InterCLR's keys (003 Sect. 4–5.1.2); the base's own keys (τ, K, queue, m, symmetric) reach the
+    base method, built by its own config."""
+    name: str = "interclr"
+    base: str = "npid"  # npid | moco | byol
+    num_negatives: int = 16_384  # K of the inter branch (and NPID's intra branch)
+    strategy: str = "semi_hard"  # the inter negatives: hard | semi_hard | random | semi_easy (Sect. 4.2)
+    weight: float = 0.75  # λ of Eq. 7
+    inter_margin: float = -0.5  # MarginNCE m of Eq. 6
+    warmup_epochs: int = 0  # intra only for these epochs, then k-means on the bank and both branches
+    temperature: float | None = None  # None: the base's (NPIDv2 0.1, MoCo-v2 0.2; 0.1 over BYOL)
+    queue_size: int = 65_536  # base moco
+    key_momentum: float = 0.999  # base moco
+    symmetric: bool = False  # base moco
+    title = "InterCLR"
+    paper = "Delving into Inter-Image Invariance for Unsupervised Visual Representations, arXiv:2008.11702"
+    reads = (*KEY_ENCODER, *BANK, *CLUSTERS, *LOCAL_CROPS)
+
+    def base_config(self) -> MethodConfig:
+        """The base's config with the keys it shares with this one (τ None: the base's default)."""
+        cls = BASE_CONFIGS[self.base]
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(cls)
+                  if f.name != "name" and hasattr(self, f.name) and getattr(self, f.name) is not None}
+        return cls(**shared)
+
+    def optimizer_defaults(self) -> dict:
+        return self.base_config().optimizer_defaults()  # Sect. 5.1.2: each base keeps its own recipe
+
+    def uses_sync_bn(self) -> bool:
+        return self.base_config().uses_sync_bn()
+
+    def checks(self, job) -> list[tuple[bool, str]]:
+        from bank.shard import STRATEGIES
+        return [
+            (self.base in BASES, f"--base must be {', '.join(BASES[:-1])} or {BASES[-1]}, got {self.base!r}"),
+            (self.strategy in STRATEGIES, f"unknown method.strategy {self.strategy!r}"),
+            (job.data.local_crops == 0 or self.base != "npid",
+             f"data.local_crops={job.data.local_crops}: NPID-InterCLR has one view per sample and no place for "
+             f"local views (multi-crop is MoCo-v2's, SimCLR's, BYOL's and their InterCLR forms')"),
+        ]
+
+    def build(self, job, num_classes: int | None = None) -> InterCLR:
+        return InterCLR(self.base_config().build(job), num_negatives=self.num_negatives, strategy=self.strategy,
+                        weight=self.weight, inter_margin=self.inter_margin, temperature=self.temperature,
+                        warmup_epochs=self.warmup_epochs)

@@ -14,12 +14,16 @@ A method is an `nn.Module` with
     queue, prime(batch)          a MoCo-style key queue (optional attribute), filled with real keys
                                  by `prime` before the first step
 `progress` = step / total steps ∈ [0, 1] (schedules); `epoch` gates warm-ups.
+
+A method's settings are a `MethodConfig`: the `method:` section of a job config, declared next to
+the method's class, and registered by name in models/registry.py.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -181,6 +185,71 @@ class Method(nn.Module):
         (None during the warm-up), `margin` the intra branch's MarginNCE m. Bases implement it;
         other methods cannot be an InterCLR base."""
         raise NotImplementedError(f"{type(self).__name__} is not an InterCLR base")
+
+
+# The keys of the other config sections a method may read (MethodConfig.reads)
+LOCAL_CROPS = ("data.local_crops", "data.local_size", "data.local_scale")  # SwAV's multi-crop
+KEY_ENCODER = ("model.shuffle_bn", "model.bn_splits")  # a MoCo-style key encoder's shuffled BN
+BANK = ("bank.shards", "bank.dtype", "bank.init", "bank.gpus_per_shard")  # a memory bank
+CLUSTERS = ("bank.clusters", "bank.min_cluster", "bank.labels", "bank.kmeans_iters", "bank.kmeans_init")
+
+
+def sgd(lr: float, weight_decay: float) -> dict:
+    """SGD with momentum 0.9, no warm-up, weight decay on every parameter (mmselfsup's
+    sgd_coslr-200e_in1k.py has no paramwise rules); lr per 256 images."""
+    return {"optimizer": "sgd", "lr": lr, "weight_decay": weight_decay, "momentum": 0.9, "warmup_epochs": 0,
+            "exclude_bias_and_norm": False}
+
+
+def lars(lr: float, weight_decay: float) -> dict:
+    """LARS (runtime.optim), momentum 0.9, η 0.001, 10 warm-up epochs, biases and norms excluded from
+    weight decay and adaptation (mmselfsup's lars_coslr-200e_in1k.py, `lars_exclude`); lr per 256."""
+    return {"optimizer": "lars", "lr": lr, "weight_decay": weight_decay, "momentum": 0.9, "warmup_epochs": 10,
+            "trust_coefficient": 0.001, "exclude_bias_and_norm": True}
+
+
+@dataclass
+class MethodConfig:
+    """A method's `method:` section of the job config: its keys, as dataclass fields with the paper's
+    defaults. Each method module declares one beside its class; models/registry.py maps `name` to it.
+
+    Class attributes:
+        title      the method's name in messages
+        paper      its paper: title and arXiv id
+        reads      the keys of the other sections it reads (LOCAL_CROPS, KEY_ENCODER, BANK, CLUSTERS);
+                   a key that some method reads, set by the user for a method that does not, is refused
+        optimizer  the paper's optimiser (`sgd(...)` / `lars(...)`: runtime.optim's settings and
+                   warmup_epochs); `train.*` keys left unset take these
+        sync_bn    the paper trains with BatchNorm statistics over the whole batch (SyncBatchNorm)
+    """
+    name: str = ""
+    title: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    reads: ClassVar[tuple[str, ...]] = ()
+    optimizer: ClassVar[dict] = {}
+    sync_bn: ClassVar[bool] = False
+
+    def optimizer_defaults(self) -> dict:
+        return dict(self.optimizer)
+
+    def uses_sync_bn(self) -> bool:
+        return self.sync_bn
+
+    def checks(self, job) -> list[tuple[bool, str]]:
+        """(condition, one-line message) pairs the job config `job` must meet for this method."""
+        return []
+
+    def build(self, job, num_classes: int | None = None) -> Method:
+        """The method for the job config `job` (runtime.config.JobConfig: its `model` and `data`
+        sections); `num_classes` from the manifest, for the methods that need it."""
+        raise NotImplementedError(f"{type(self).__name__}.build")
+
+    @staticmethod
+    def backbone(job, in_channels: int = 3) -> nn.Module:
+        """The encoder `job.model` names."""
+        from models.encoders import build_encoder
+        m = job.model
+        return build_encoder(m.encoder, m.width, m.small_images, in_channels)
 
 
 def single_ids(batch: dict) -> torch.Tensor:

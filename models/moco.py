@@ -9,11 +9,13 @@ across DDP workers, or on one worker in `bn_splits` sub-batches (queries too), s
 never is its key's."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from losses import info_nce
 from models.heads import ProjectionHead
-from models.method import InterQuery, IntraStep, Method
+from models.method import KEY_ENCODER, LOCAL_CROPS, InterQuery, IntraStep, Method, MethodConfig, sgd
 from models.momentum import BN_SPLITS, MoCoQueue, QueryKeyEncoders, momentum_copy
 
 
@@ -85,3 +87,24 @@ class MoCo(QueryKeyEncoders, Method):
     def training_step(self, batch: dict, progress: float = 0.0, epoch: int = 0) -> dict:
         loss = self.intra_step(batch).loss
         return {"loss": loss, "intra": loss.detach()}
+
+
+@dataclass
+class MoCoConfig(MethodConfig):
+    """MoCo-v2's keys (Chen et al., 2020b: τ 0.2, K 65,536, m 0.999; followed by 003 Sect. 5.1.2)."""
+    name: str = "moco"
+    temperature: float = 0.2
+    queue_size: int = 65_536
+    key_momentum: float = 0.999  # the key encoder's m
+    symmetric: bool = False  # both views in turn are the query (mmselfsup's symmetric MoCo-v2)
+    title = "MoCo"
+    paper = "Improved Baselines with Momentum Contrastive Learning, arXiv:2003.04297"
+    reads = (*KEY_ENCODER, *LOCAL_CROPS)
+    # SGD lr 0.03 at batch 256, wd 1e-4, cosine; mmselfsup configs/selfsup/interclr/
+    # interclr-moco_resnet50_8xb32-coslr-200e_in1k.py → sgd_coslr-200e_in1k.py
+    optimizer = sgd(0.03, 1e-4)
+
+    def build(self, job, num_classes: int | None = None) -> MoCo:
+        return MoCo(self.backbone(job), temperature=self.temperature, queue_size=self.queue_size,
+                    key_momentum=self.key_momentum, symmetric=self.symmetric, shuffle_bn=job.model.shuffle_bn,
+                    bn_splits=job.model.bn_splits, local_crops=job.data.local_crops)

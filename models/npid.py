@@ -4,11 +4,13 @@ negatives (τ 0.1), then the Eq. 2 momentum update (ω 0.5) of the bank rows of 
 NPIDv2 is InterCLR with λ = 1; `InterCLR(base="npid")` adds the inter branch."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from losses import info_nce_from_logits
 from models.heads import ProjectionHead
-from models.method import BankRequest, InterQuery, IntraStep, Method, single_ids
+from models.method import BANK, BankRequest, InterQuery, IntraStep, Method, MethodConfig, sgd, single_ids
 
 
 class NPID(Method):
@@ -52,3 +54,18 @@ class NPID(Method):
     @torch.no_grad()
     def bank_features(self, batch: dict) -> list[torch.Tensor]:
         return [self.embed(self.views(batch)[0])]
+
+
+@dataclass
+class NPIDConfig(MethodConfig):
+    """NPIDv2's keys (003 Sect. 5.1.1–5.1.2: τ 0.1, K 16,384)."""
+    name: str = "npid"
+    temperature: float = 0.1
+    num_negatives: int = 16_384  # random bank rows per query
+    title = "NPID"
+    paper = "Unsupervised Feature Learning via Non-Parametric Instance Discrimination, arXiv:1805.01978"
+    reads = BANK
+    optimizer = sgd(0.03, 1e-4)  # 003 Sect. 5.1.2: SGD, momentum 0.9, wd 1e-4, lr 0.03 at batch 256, cosine
+
+    def build(self, job, num_classes: int | None = None) -> NPID:
+        return NPID(self.backbone(job), temperature=self.temperature, num_negatives=self.num_negatives)

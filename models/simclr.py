@@ -12,11 +12,13 @@ sample are each other's positives, the other samples' views the negatives (`mult
 over the global batch)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from losses import align_uniform_loss, cmc_loss, hard_negative_loss, multi_positive_nt_xent, nt_xent, nt_xent_global
 from models.heads import ProjectionHead
-from models.method import Method
+from models.method import LOCAL_CROPS, Method, MethodConfig, lars
 from models.momentum import all_gather_with_grad
 
 LOSSES = ("nt_xent", "align_uniform", "hard_negative", "cmc")
@@ -66,3 +68,36 @@ class SimCLR(Method):
         else:
             loss = nt_xent(z[0], z[1], self.temperature)
         return {"loss": loss, self.loss: loss.detach()}
+
+
+@dataclass
+class SimCLRConfig(MethodConfig):
+    """SimCLR's keys. τ 0.5 (SimCLR Table 5's best at batch 256 is 0.5; 004 App. C.1's CL uses 0.19
+    on CIFAR: the fidelity study sets it)."""
+    name: str = "simclr"
+    temperature: float = 0.5
+    gather: bool = True  # NT-Xent over the global batch (every worker's embeddings)
+    loss: str = "nt_xent"  # nt_xent | align_uniform (AU-CL) | hard_negative (HN-CL) | cmc (multi-view CL)
+    positives: int = 1  # loss=cmc: views per sample - 1 (004's "CMC (K = 4)")
+    title = "SimCLR"
+    paper = "A Simple Framework for Contrastive Learning of Visual Representations, arXiv:2002.05709"
+    reads = LOCAL_CROPS
+    # LARS, lr 0.3 × batch/256, wd 1e-6, 10 warm-up epochs (001; mmselfsup
+    # configs/selfsup/simclr/simclr_resnet50_8xb32-coslr-200e_in1k.py, bn and bias decay_mult 0 + lars_exclude)
+    optimizer = lars(0.3, 1e-6)
+    sync_bn = True  # global BN (001 Sect. B.9)
+
+    def checks(self, job) -> list[tuple[bool, str]]:
+        return [
+            (self.loss in LOSSES, f"method.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}"),
+            (self.positives == 1 or self.loss == "cmc",
+             f"method.positives={self.positives}: more than one positive is SimCLR's with method.loss=cmc "
+             f"(multi-view CL)"),
+            (job.data.local_crops == 0 or (self.loss == "nt_xent" and self.positives == 1),
+             f"data.local_crops: SimCLR's multi-crop is multi-positive NT-Xent on two global views; got "
+             f"method.loss={self.loss}, method.positives={self.positives}"),
+        ]
+
+    def build(self, job, num_classes: int | None = None) -> SimCLR:
+        return SimCLR(self.backbone(job), temperature=self.temperature, gather=self.gather, loss=self.loss,
+                      positives=self.positives, local_crops=job.data.local_crops)

@@ -6,11 +6,13 @@ recipe) and its target the mean of their one-hot labels. One loss for both,
 as the paper asks."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from losses import soft_target_cross_entropy
-from models.method import Method
+from models.method import Method, MethodConfig, sgd
 
 
 class Supervised(Method):
@@ -60,3 +62,24 @@ def classifier_top1(method: Supervised, batches, device: str | torch.device = "c
     if seen == 0:
         raise ValueError("classifier_top1 got no batches")
     return correct / seen
+
+
+@dataclass
+class SupervisedConfig(MethodConfig):
+    """Supervised training, plain or ImCLR's."""
+    name: str = "supervised"
+    imclr: int = 0  # ImCLR's samples per input, side by side (0: one image per input)
+    title = "supervised ImCLR"
+    paper = "ImCLR: Implicit Contrastive Learning for Image Classification, arXiv:2011.12618"
+    # ImCLR (000) changes no hyper-parameter: the usual ImageNet ResNet recipe, lr 0.1 per 256, wd 1e-4
+    # (He et al., 2016; Goyal et al., 2017)
+    optimizer = sgd(0.1, 1e-4)
+
+    def checks(self, job) -> list[tuple[bool, str]]:
+        return [(self.imclr == 0 or self.imclr >= 2,
+                 f"method.imclr (--imclr) is 0 (plain supervised) or the samples per input, >= 2; got {self.imclr}")]
+
+    def build(self, job, num_classes: int | None = None) -> Supervised:
+        if num_classes is None:
+            raise ValueError("supervised training needs the number of classes (from the manifest)")
+        return Supervised(self.backbone(job), num_classes, samples_per_input=self.imclr)

@@ -2,6 +2,10 @@
 a run's config.json) that set keys on top of them, the presets among them; dotted command-line
 overrides (`--set train.epochs=3`); printed at job start with the keys the method reads; validated
 with one-line errors.
+
+The `method:` section is the method's own config class (models/registry.py: `method.name` → a
+`MethodConfig` declared beside the method); every other section is shared by all methods, except
+the keys a method declares it reads (`MethodConfig.reads`), which the other methods refuse.
 """
 from __future__ import annotations
 
@@ -10,10 +14,14 @@ import dataclasses
 import difflib
 import json
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from models.method import MethodConfig
+from models.registry import METHODS, method_config
 
 
 class ConfigError(ValueError):
@@ -55,29 +63,6 @@ class ModelConfig:
 
 
 @dataclass
-class MethodConfig:
-    name: str = "interclr"  # simclr|npid|moco|byol|cmc|cacr|interclr|supervised
-    base: str = "npid"  # InterCLR base: npid|moco|byol
-    num_negatives: int = 16_384
-    strategy: str = "semi_hard"  # InterCLR negatives: hard|semi_hard|random|semi_easy
-    weight: float = 0.75  # λ of Eq. 7
-    inter_margin: float = -0.5
-    warmup_epochs: int = 0  # InterCLR: intra only for these epochs, then k-means on the bank and both branches
-    temperature: float | None = None  # None: the method's paper default
-    queue_size: int = 65_536  # MoCo / CACR-MoCo
-    key_momentum: float = 0.999  # MoCo key encoder m
-    symmetric: bool = False  # MoCo / InterCLR-MoCo: both views in turn are the query (mmselfsup's symmetric MoCo-v2)
-    positives: int = 1  # CACR K
-    intra_batch: bool = True  # CACR queue form: the batch's other queries as negatives (official code's default)
-    detach_queue_weights: bool = True  # CACR queue form: the queue's softmax weights without gradient (official code)
-    gather: bool = True  # SimCLR: NT-Xent over the global batch (every worker's embeddings)
-    loss: str = "nt_xent"  # SimCLR: nt_xent | align_uniform (AU-CL) | hard_negative (HN-CL) | cmc (multi-view CL)
-    paradigm: str = "core"  # CMC with more than two channel groups
-    colorspace: str = "lab"  # CMC: lab|ydbdr
-    imclr: int = 0  # supervised: ImCLR's samples per input, side by side (0: one image per input)
-
-
-@dataclass
 class BankConfig:
     shards: int = 2  # bank actors
     clusters: int = 10_000  # InterCLR: 10× the ImageNet classes
@@ -94,7 +79,7 @@ class BankConfig:
 class TrainConfig:
     epochs: int = 200
     max_steps: int | None = None  # stop early (smoke runs); schedules still span `epochs`
-    # optimiser: None = the method's paper default (runtime.optim.OPTIMIZER_DEFAULTS), filled in at parse
+    # optimiser: None = the method's paper default (MethodConfig.optimizer), filled in at parse
     optimizer: str | None = None  # sgd | lars
     lr: float | None = None  # for a global batch of 256, scaled linearly
     weight_decay: float | None = None
@@ -133,7 +118,7 @@ class JobConfig:
     storage: str = "runs"  # RunConfig.storage_path: shared storage for a multi-node cluster
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: MethodConfig = field(default_factory=lambda: METHODS["interclr"]())
     bank: BankConfig = field(default_factory=BankConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -144,67 +129,92 @@ class JobConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "JobConfig":
+        """A run's config.json (`to_dict`). A file written before each method had its own section
+        holds every method's keys: those its method does not read are dropped at their old
+        defaults, or refused (`method_section`)."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: SECTIONS[key](**value) if key in SECTIONS else value
-                      for key, value in d.items() if key in fields})
+        values = {key: SECTIONS[key](**{inner: typed(f"{key}.{inner}", v) for inner, v in value.items()})
+                  if key in SECTIONS else value for key, value in d.items() if key in fields and key != "method"}
+        if "method" in d:
+            values["method"] = method_section(d["method"], "config.json")
+        return cls(**values)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "bank": BankConfig,
-            "train": TrainConfig, "eval": EvalConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "bank": BankConfig, "train": TrainConfig,
+            "eval": EvalConfig}  # and "method": the method's config class
+
+# The `method:` section every config.json held before each method declared its own (one class for
+# all methods), at its defaults: a key its method does not read at this value is what such a file
+# holds, not a choice; `temperature: null` there meant the method's paper default.
+OLD_METHOD_DEFAULTS = {
+    "base": "npid", "num_negatives": 16_384, "strategy": "semi_hard", "weight": 0.75, "inter_margin": -0.5,
+    "warmup_epochs": 0, "temperature": None, "queue_size": 65_536, "key_momentum": 0.999, "symmetric": False,
+    "positives": 1, "intra_batch": True, "detach_queue_weights": True, "gather": True, "loss": "nt_xent",
+    "paradigm": "core", "colorspace": "lab", "imclr": 0}
 
 
-# The keys only some methods read: runtime/build.py `build_method` passes them to these methods only;
-# a bank's keys reach the methods that request a bank, the clustering ones InterCLR's clustered bank.
-# Every other key applies to every method. print_config shows a method's keys only, and a key set by
-# the user (--set, a flag, a config file) that the method does not read is a ConfigError.
-_BANK = ("bank.shards", "bank.dtype", "bank.init", "bank.gpus_per_shard")
-_CLUSTERS = ("bank.clusters", "bank.min_cluster", "bank.labels", "bank.kmeans_iters", "bank.kmeans_init")
-_KEY_ENCODER = ("method.queue_size", "method.key_momentum", "model.shuffle_bn", "model.bn_splits")
-_LOCAL = ("data.local_crops", "data.local_size", "data.local_scale")  # multi-crop
-METHOD_KEYS = {
-    "simclr": ("method.temperature", "method.gather", "method.loss", "method.positives", *_LOCAL),
-    "npid": ("method.temperature", "method.num_negatives", *_BANK),
-    "moco": ("method.temperature", "method.symmetric", *_KEY_ENCODER, *_LOCAL),
-    "byol": _LOCAL,
-    "cmc": ("method.temperature", "method.num_negatives", "method.paradigm", "method.colorspace", *_BANK),
-    "cacr": ("method.positives", "method.intra_batch", "method.detach_queue_weights", *_KEY_ENCODER),
-    "interclr": ("method.base", "method.num_negatives", "method.strategy", "method.weight", "method.inter_margin",
-                 "method.warmup_epochs", "method.temperature", "method.symmetric", *_KEY_ENCODER, *_BANK, *_CLUSTERS,
-                 *_LOCAL),
-    "supervised": ("method.imclr",),
-}
-METHOD_NAMES = tuple(METHOD_KEYS)
-_TITLES = {"simclr": "SimCLR", "npid": "NPID", "moco": "MoCo", "byol": "BYOL", "cmc": "CMC", "cacr": "CACR",
-           "interclr": "InterCLR", "supervised": "supervised ImCLR"}
-_OWNED = {key for keys in METHOD_KEYS.values() for key in keys}
+def _is_old_default(cls: type[MethodConfig], key: str, value) -> bool:
+    """`method.key: value` in a file is an old config.json's filler for this method, not a setting."""
+    own = {f.name for f in dataclasses.fields(cls)}
+    if key in own:
+        return value is None and not _kind(cls, key)[1]  # null where the method has a number: its default
+    return key in OLD_METHOD_DEFAULTS and value == OLD_METHOD_DEFAULTS[key]
 
 
-def applies(key: str, method: str) -> bool:
-    """Whether `method` reads the dotted `key`."""
-    return key not in _OWNED or key in METHOD_KEYS.get(method, ())
+def _old_filler(cls: type[MethodConfig], dotted: str, value) -> bool:
+    """A `method.` key of a file that `cls` lacks (another method's), or an old config.json's filler."""
+    section, _, key = dotted.partition(".")
+    return section == "method" and (not applies(dotted, cls) or _is_old_default(cls, key, value))
+
+
+def method_section(values: dict, where: str) -> MethodConfig:
+    """The method config of a `method:` mapping (`name` picks the class)."""
+    try:
+        cls = method_config(values.get("name", "interclr"))
+    except KeyError as exc:
+        raise ConfigError(f"{where}: {exc.args[0]}") from None
+    own = {f.name for f in dataclasses.fields(cls)}
+    kept = {key: value for key, value in values.items() if not _is_old_default(cls, key, value)}
+    unread = sorted(set(kept) - own)
+    if unread:
+        raise ConfigError(f"{where}: method.{unread[0]} does not apply to {cls.name} (it is {_owners('method.' + unread[0])})")
+    return cls(**{key: typed(f"method.{key}", value, cls) for key, value in kept.items()})
+
+
+def applies(key: str, method: type[MethodConfig]) -> bool:
+    """Whether `method` reads the dotted `key`: a `method.` key it declares, or a key of another
+    section that no method declares in `reads` or that it does."""
+    section, _, leaf = key.partition(".")
+    if section == "method":
+        return leaf in {f.name for f in dataclasses.fields(method)}
+    return key in method.reads or not any(key in cls.reads for cls in METHODS.values())
 
 
 def _owners(key: str) -> str:
-    names = [f"{_TITLES[m]}'s" for m, keys in METHOD_KEYS.items() if key in keys]
+    names = [f"{cls.title or cls.name}'s" for cls in METHODS.values() if applies(key, cls)]
+    if not names:
+        return "no method's"
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-def check_applicable(config: JobConfig, given: dict[str, tuple[str, object]]) -> None:
+def check_applicable(method: type[MethodConfig], given: dict[str, tuple[str, object]]) -> None:
     """`given`: dotted key → (where the user set it: a flag, "--set" or a file; the value). A key the
-    config's method does not read would be silently ignored; refuse it there instead, every such key
-    at once (a file may hold several)."""
-    method = config.method.name
+    method does not read would be silently ignored; refuse it there instead, every such key at once
+    (a file may hold several). A key no method has is an unknown key, with the closest one."""
+    for key in given:
+        if _field_class(key, None) is None:
+            raise _unknown_key(key)
     unread = {key: source for key, source in given.items() if not applies(key, method)}
     if len(unread) == 1:
         (key, (where, value)), = unread.items()
         said = (f"given by --set {key}={value}" if where == "--set" else
                 f"given by {where}" if where.startswith("--") else f"set to {value} in {where}")
-        raise ConfigError(f"{key} does not apply to {method} (it is {_owners(key)}; {said})")
+        raise ConfigError(f"{key} does not apply to {method.name} (it is {_owners(key)}; {said})")
     if unread:
         by_source = {}
         for key, (where, value) in unread.items():
             by_source.setdefault(where, []).append(f"{key}={value} ({_owners(key)})")
-        raise ConfigError(f"{len(unread)} keys do not apply to {method} (remove them): "
+        raise ConfigError(f"{len(unread)} keys do not apply to {method.name} (remove them): "
                           + "; ".join(f"{where}: {', '.join(keys)}" for where, keys in by_source.items()))
 
 
@@ -219,26 +229,50 @@ def _flatten(tree: dict) -> dict:
     return flat
 
 
-DEFAULTS = _flatten(JobConfig().to_dict())  # every config key, dotted, with its default
+def defaults(method: type[MethodConfig]) -> dict:
+    """Every key of a `method` job, dotted, with its default (pairs as tuples, as `typed` returns them)."""
+    return _flatten(dataclasses.asdict(JobConfig(method=method())))
 
 
-def _unknown_key(dotted: str) -> ConfigError:
-    """The closest valid key: one with the same last part (method.lr → train.lr), else difflib's."""
+def _kind(cls, name: str) -> tuple[type, bool]:
+    """The type of dataclass field `name` of `cls` and whether it may be None (`X | None`)."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return tuple, False
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+
+def _field_class(dotted: str, method: type[MethodConfig] | None):
+    """The dataclass that holds `dotted` (`method`'s section, or the first registered method's with
+    the key when `method` is None), or None for a key it does not have."""
+    section, _, leaf = dotted.rpartition(".")
+    if not section:
+        return JobConfig if leaf in ("name", "storage") else None
+    if section == "method":
+        candidates = [method] if method is not None else list(METHODS.values())
+        return next((cls for cls in candidates if leaf in {f.name for f in dataclasses.fields(cls)}), None)
+    cls = SECTIONS.get(section)
+    return cls if cls is not None and leaf in {f.name for f in dataclasses.fields(cls)} else None
+
+
+def _all_keys() -> list[str]:
+    keys = [key for key in defaults(METHODS["interclr"]) if not key.startswith("method.")]
+    return keys + sorted({f"method.{f.name}" for cls in METHODS.values() for f in dataclasses.fields(cls)})
+
+
+def _unknown_key(dotted: str, method: type[MethodConfig] | None = None) -> ConfigError:
+    """A key of other methods: which; else the closest valid key, one with the same last part
+    (method.lr → train.lr), else difflib's."""
+    if method is not None and _field_class(dotted, None) is not None:
+        return ConfigError(f"{dotted} does not apply to {method.name} (it is {_owners(dotted)})")
+    keys = _all_keys()
     leaf = dotted.rpartition(".")[2]
-    close = [key for key in DEFAULTS if key.rpartition(".")[2] == leaf] or \
-        difflib.get_close_matches(dotted, DEFAULTS, n=1)
+    close = [key for key in keys if key.rpartition(".")[2] == leaf] or difflib.get_close_matches(dotted, keys, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return ConfigError(f"unknown config key {dotted!r}{hint}")
-
-
-_OPTIONAL_TYPES = {"train.optimizer": str, "train.lr": float, "train.weight_decay": float, "train.momentum": float,
-                   "train.lr_warmup_epochs": int, "train.trust_coefficient": float,
-                   "train.exclude_bias_and_norm": bool, "data.min_crop_scale": float, "train.max_steps": int,
-                   "train.torch_threads": int, "train.precision": str, "model.sync_bn": bool,
-                   "method.temperature": float, "eval.knn_train_samples": int, "eval.monitor_samples": int,
-                   "data.local_size": int}
-_PAIRS = {"data.local_scale"}  # two floats: "0.05,0.14" on the command line, [0.05, 0.14] in a file
-DEFAULTS.update({key: tuple(DEFAULTS[key]) for key in _PAIRS})  # as `typed` returns them
 
 
 def _pair(name: str, value) -> tuple[float, float]:
@@ -251,9 +285,8 @@ def _pair(name: str, value) -> tuple[float, float]:
     raise ConfigError(f"{name}={value!r}: expected two numbers (LOW,HIGH)")
 
 
-def _convert(text: str, current, name: str):
-    kind = _OPTIONAL_TYPES.get(name, type(current))
-    if name in _OPTIONAL_TYPES and text.lower() == "none":
+def _convert(text: str, kind: type, optional: bool, name: str):
+    if optional and text.lower() == "none":
         return None
     try:
         if kind is bool:
@@ -265,19 +298,21 @@ def _convert(text: str, current, name: str):
         raise ConfigError(f"{name}={text!r}: expected {kind.__name__}") from None
 
 
-def typed(dotted: str, value):
-    """`value` as the type of the config key `dotted`: text is parsed (the command line, and YAML 1.1's
-    `1e-4`, which it reads as a string); numbers, booleans and null from YAML or JSON are checked."""
-    if dotted not in DEFAULTS:
-        raise _unknown_key(dotted)
-    if dotted in _PAIRS:
+def typed(dotted: str, value, method: type[MethodConfig] | None = None):
+    """`value` as the type of the config key `dotted` (in `method`'s section; None: any method's):
+    text is parsed (the command line, and YAML 1.1's `1e-4`, which it reads as a string); numbers,
+    booleans and null from YAML or JSON are checked; pairs ("0.05,0.14", [0.05, 0.14]) become tuples."""
+    cls = _field_class(dotted, method)
+    if cls is None:
+        raise _unknown_key(dotted, method)
+    kind, optional = _kind(cls, dotted.rpartition(".")[2])
+    if kind is tuple:
         return _pair(dotted, value)
     if dotted == "train.precision" and type(value) is int:
         value = str(value)  # `precision: 32` in YAML is Lightning's "32"
     if isinstance(value, str):
-        return _convert(value, DEFAULTS[dotted], dotted)
-    kind = _OPTIONAL_TYPES.get(dotted, type(DEFAULTS[dotted]))
-    if value is None and dotted in _OPTIONAL_TYPES:
+        return _convert(value, kind, optional, dotted)
+    if value is None and optional:
         return None
     if kind is float and type(value) is int:
         return float(value)
@@ -287,18 +322,29 @@ def typed(dotted: str, value):
 
 
 def apply_overrides(config: JobConfig, overrides: dict) -> JobConfig:
+    """Set dotted keys on `config`: `method.name` first (another method: its section at its
+    defaults), then the rest, each checked against its section (a key the method lacks: ConfigError)."""
+    if "method.name" in overrides:
+        name = typed("method.name", overrides["method.name"])
+        if name != config.method.name:
+            try:
+                config.method = method_config(name)()
+            except KeyError as exc:
+                raise ConfigError(exc.args[0]) from None
     for dotted, value in overrides.items():
         section, _, key = dotted.rpartition(".")
-        value = typed(dotted, value)
+        value = typed(dotted, value, type(config.method))
         setattr(getattr(config, section) if section else config, key, value)
     return config
 
 
-def read_config_file(path: str | Path) -> dict:
+def read_config_file(path: str | Path, method: str = "interclr") -> dict:
     """A config file as dotted overrides ({"train.epochs": 6, ...}), typed: YAML with top-level `name`,
     `storage` and sections `data:`, `model:`, `method:`, `bank:`, `train:`, `eval:`. It sets what it
     names on top of the defaults: a file of configs/ names a preset's choices, a run's config.json
-    (JSON is YAML) every key."""
+    (JSON is YAML) every key. The `method:` keys are typed as the file's `method.name` (else
+    `method`) has them; keys that method lacks come back as written (an old config.json holds every
+    method's: `parse_args` drops those at their old defaults and refuses the rest)."""
     path = Path(path)
     try:
         tree = yaml.safe_load(path.read_text())
@@ -310,13 +356,17 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"{path}{where} is not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must be a mapping (name:, data:, model:, method:, bank:, train:, eval:)")
-    for section in SECTIONS:
+    for section in (*SECTIONS, "method"):
         if tree.get(section, {}) is None:
             tree[section] = {}  # `bank:` with nothing under it
         if not isinstance(tree.get(section, {}), dict):
             raise ConfigError(f"{path}: {section}: must be a mapping of keys, got {tree[section]!r}")
+    flat = _flatten(tree)
     try:
-        return {key: typed(key, value) for key, value in _flatten(tree).items()}
+        cls = method_config(typed("method.name", flat.get("method.name", method)))
+        return {key: value if _old_filler(cls, key, value) else typed(key, value, cls) for key, value in flat.items()}
+    except KeyError as exc:
+        raise ConfigError(f"{path}: {exc.args[0]}") from None
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -335,30 +385,34 @@ def preset_overrides(preset: str, method: str) -> dict:
         raise ConfigError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
     own = CONFIGS / method / f"{PRESET_FILES[preset]}.yaml"
     if own.is_file():
-        return read_config_file(own)
-    overrides = {key: value for key, value in PRESETS[preset].items() if applies(key, method)}
+        return read_config_file(own, method)
+    cls = _method_class(method)
+    overrides = {key: value for key, value in PRESETS[preset].items() if applies(key, cls)}
     overrides["method.name"] = method
     overrides["name"] = overrides["name"].replace("interclr", method)
     return overrides
 
 
+def _method_class(name: str) -> type[MethodConfig]:
+    try:
+        return method_config(name)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+
+
 def resolve_optimizer(config: JobConfig) -> JobConfig:
-    """Fill the optimiser fields left None with the method's paper defaults (runtime.optim)."""
-    from runtime.optim import optimizer_defaults
-    defaults = optimizer_defaults(config.method.name, config.method.base)
-    defaults["lr_warmup_epochs"] = defaults.pop("warmup_epochs")
-    defaults.setdefault("trust_coefficient", 0.001)
-    for key, value in defaults.items():
+    """Fill the optimiser fields left None with the method's paper defaults (`MethodConfig.optimizer`)."""
+    paper = config.method.optimizer_defaults()
+    paper["lr_warmup_epochs"] = paper.pop("warmup_epochs")
+    paper.setdefault("trust_coefficient", 0.001)
+    for key, value in paper.items():
         if getattr(config.train, key) is None:
             setattr(config.train, key, value)
     return config
 
 
 def validate(config: JobConfig) -> JobConfig:
-    from bank.shard import STRATEGIES
     from models.encoders import ENCODERS
-    from models.interclr import BASES
-    from models.simclr import LOSSES as SIMCLR_LOSSES
     from runtime.step import PrecisionError, check_precision
     checks = [
         (config.data.batch_size > 0, f"data.batch_size must be positive, got {config.data.batch_size}"),
@@ -371,21 +425,6 @@ def validate(config: JobConfig) -> JobConfig:
         (0 <= config.bank.gpus_per_shard <= 1,
          f"bank.gpus_per_shard must be between 0 and 1, got {config.bank.gpus_per_shard}"),
         (config.model.encoder in (*ENCODERS, "alexnet"), f"unknown model.encoder {config.model.encoder!r}"),
-        (config.method.name in METHOD_NAMES,
-         f"unknown method {config.method.name!r} (choose from {', '.join(METHOD_NAMES)})"),
-        (config.method.base in BASES,
-         f"--base must be {', '.join(BASES[:-1])} or {BASES[-1]}, got {config.method.base!r}"),
-        (config.method.strategy in STRATEGIES, f"unknown method.strategy {config.method.strategy!r}"),
-        (config.method.imclr == 0 or config.method.imclr >= 2,
-         f"method.imclr (--imclr) is 0 (plain supervised) or the samples per input, >= 2; got {config.method.imclr}"),
-        (config.method.loss in SIMCLR_LOSSES,
-         f"method.loss must be one of {', '.join(SIMCLR_LOSSES)}, got {config.method.loss!r}"),
-        (config.method.loss == "nt_xent" or config.method.name == "simclr",
-         f"method.loss={config.method.loss} is a SimCLR loss (CACR's CL baselines); method is {config.method.name}"),
-        (config.method.positives == 1 or config.method.name == "cacr" or
-         (config.method.name == "simclr" and config.method.loss == "cmc"),
-         f"method.positives={config.method.positives}: more than one positive is CACR's, or SimCLR's with "
-         f"method.loss=cmc (multi-view CL)"),
         (config.bank.labels in ("online", "offline"),
          f"bank.labels must be online or offline, got {config.bank.labels!r}"),
         (config.bank.kmeans_init in ("random", "kmeans++"),
@@ -396,13 +435,6 @@ def validate(config: JobConfig) -> JobConfig:
          f"data.local_size must be at least 8 px, got {config.data.local_size}"),
         (0 < config.data.local_scale[0] <= config.data.local_scale[1] <= 1,
          f"data.local_scale must be LOW,HIGH with 0 < LOW <= HIGH <= 1, got {config.data.local_scale}"),
-        (config.data.local_crops == 0 or config.method.name != "interclr" or config.method.base != "npid",
-         f"data.local_crops={config.data.local_crops}: NPID-InterCLR has one view per sample and no place for "
-         f"local views (multi-crop is MoCo-v2's, SimCLR's, BYOL's and their InterCLR forms')"),
-        (config.data.local_crops == 0 or config.method.name != "simclr" or
-         (config.method.loss == "nt_xent" and config.method.positives == 1),
-         f"data.local_crops: SimCLR's multi-crop is multi-positive NT-Xent on two global views; got method.loss="
-         f"{config.method.loss}, method.positives={config.method.positives}"),
         (config.data.min_crop_scale is None or 0 < config.data.min_crop_scale <= 1,
          f"data.min_crop_scale must be in (0, 1], got {config.data.min_crop_scale}"),
         (config.train.epochs > 0, f"train.epochs must be positive, got {config.train.epochs}"),
@@ -411,6 +443,7 @@ def validate(config: JobConfig) -> JobConfig:
         (config.train.optimizer in (None, "sgd", "lars"),
          f"train.optimizer must be sgd or lars, got {config.train.optimizer!r}"),
         (config.train.log_every > 0, f"train.log_every must be positive, got {config.train.log_every}"),
+        *config.method.checks(config),
     ]
     for ok, message in checks:
         if not ok:
@@ -432,7 +465,9 @@ def parse_args(argv: list[str] | None, method: str = "interclr", default_preset:
                description: str = "") -> tuple[JobConfig, argparse.Namespace]:
     """The shared command line of every job: --preset or --config, then a few common flags, then
     --set KEY=VALUE, each on top of the one before. A key the user sets that the method does not read
-    (`applies`) is refused; a preset's keys for other methods are not the user's and are kept."""
+    (`applies`) is refused; a preset's keys for other methods are not the user's: their `method.`
+    keys are dropped (the method's section has no place for them), as are the other methods' keys an
+    old run's config.json holds at their old defaults; the other sections' keep their values, unread."""
     parser = _OneLineParser(description=description)
     parser.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: {default_preset}); "
                                          f"the files of configs/<method>/")
@@ -455,8 +490,12 @@ def parse_args(argv: list[str] | None, method: str = "interclr", default_preset:
     if args.config is not None:
         if args.preset is not None:
             raise ConfigError("give --preset or --config, not both (a config file replaces the preset)")
-        overrides = read_config_file(args.config)
-        given.update({key: (args.config, value) for key, value in overrides.items() if value != DEFAULTS[key]})
+        overrides = read_config_file(args.config, method)
+        cls = _method_class(overrides.get("method.name", method))
+        at_default = defaults(cls)
+        given.update({key: (args.config, value) for key, value in overrides.items()
+                      if value != at_default.get(key) and not
+                      (key.startswith("method.") and _is_old_default(cls, key[len("method."):], value))})
     else:
         overrides = preset_overrides(args.preset or default_preset, method)
     flags = {"--name": ("name", args.name), "--shards": ("data.root", args.shards),
@@ -471,14 +510,13 @@ def parse_args(argv: list[str] | None, method: str = "interclr", default_preset:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = (part.strip() for part in item.split("=", 1))
         overrides[key], given[key] = value, ("--set", value)
-    from models.interclr import BASES
-    config = JobConfig()
-    config.method.name = method
-    config = apply_overrides(config, overrides)
-    if config.method.name in METHOD_NAMES and config.method.base in BASES:  # else validate says which is unknown
-        resolve_optimizer(config)
+    cls = _method_class(typed("method.name", overrides.get("method.name", method)))
+    check_applicable(cls, given)
+    # a method key the method lacks has no place: a preset's for another method, an old config.json's filler
+    overrides = {key: value for key, value in overrides.items() if key in given or not _old_filler(cls, key, value)}
+    config = apply_overrides(JobConfig(method=cls()), overrides)
     validate(config)
-    check_applicable(config, given)
+    resolve_optimizer(config)
     return config, args
 
 
@@ -487,7 +525,7 @@ def method_view(config: JobConfig) -> dict:
     view = {}
     for key, value in config.to_dict().items():
         if isinstance(value, dict):
-            value = {inner: v for inner, v in value.items() if applies(f"{key}.{inner}", config.method.name)}
+            value = {inner: v for inner, v in value.items() if applies(f"{key}.{inner}", type(config.method))}
             if not value:
                 continue
         view[key] = value

@@ -196,7 +196,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
                 num_threads=config.data.loader_threads, actor_options=loader_actor_options(config, gpus, rank)))
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"config": config.to_dict(), "banks": banks, "loaders": loaders or None,
+            train_loop_config={"config": config, "banks": banks, "loaders": loaders or None,
                                "num_samples": num_samples, "num_classes": len(classes), "run_dir": str(run_dir)},
             scaling_config=scaling_config(config, gpus),
             run_config=RunConfig(name=config.name, storage_path=str(storage),

@@ -1,8 +1,8 @@
 """The Ray Train worker loop shared by every job: `train_loop_per_worker(loop_config)`.
 
-loop_config (built by runtime.driver): "config" (JobConfig as a dict), "banks" (MemoryBank clients,
-driver-owned), "loaders" (per global rank, the handles of its loader actors; None = DALI in the
-worker), "num_samples", "num_classes", "run_dir". Each worker, top to bottom:
+loop_config (built by runtime.driver): "config" (the JobConfig itself, so a method registered
+outside models/ reaches the workers), "banks" (MemoryBank clients, driver-owned), "loaders" (per
+global rank, the handles of its loader actors; None = DALI in the worker), "num_samples", "num_classes", "run_dir". Each worker, top to bottom:
   1. `setup_worker`: builds the method, attaches the banks, wraps it in DDP (gloo on CPU, nccl on
      GPU), the method's optimiser (SGD or LARS, runtime.optim) and `lr_schedule` (warm-up, cosine);
   2. `resume` from `ray.train.get_checkpoint()` (model, optimiser, schedule, step; rank 0 restores
@@ -210,7 +210,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def setup_worker(loop_config: dict) -> Worker:
     """Seeded model (identical on every rank), SyncBN / DDP where they apply, optimiser and lr
     schedule, this rank's batches, and the step counts."""
-    config = JobConfig.from_dict(loop_config["config"])
+    config = loop_config["config"]
     banks = loop_config["banks"]
     # Ray Train logs two INFO lines per checkpoint ("Checkpoint successfully created", "Reporting
     # training result"): the job's own progress line says it once per interval. The second comes

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runtime.config import (METHOD_NAMES, PRESET_FILES, PRESETS, ConfigError, JobConfig, applies, method_view,
+from models.registry import METHODS
+from runtime.config import (PRESET_FILES, PRESETS, ConfigError, JobConfig, applies, method_view,
                             parse_args, print_config, read_config_file)
 
 
 @pytest.mark.parametrize("method,sets,message", [
     ("simclr", ["method.loss=triplet"], "method.loss must be one of nt_xent, align_uniform, hard_negative, cmc"),
-    ("moco", ["method.loss=cmc"], "method.loss=cmc is a SimCLR loss"),
-    ("simclr", ["method.positives=4"], "more than one positive is CACR's, or SimCLR's with method.loss=cmc"),
+    ("moco", ["method.loss=cmc"], "method.loss does not apply to moco (it is SimCLR's; given by --set"),
+    ("simclr", ["method.positives=4"], "more than one positive is SimCLR's with method.loss=cmc"),
     ("interclr", ["bank.labels=sometimes"], "bank.labels must be online or offline, got 'sometimes'"),
     ("interclr", ["bank.kmeans_init=forgy"], "bank.kmeans_init must be random or kmeans++, got 'forgy'"),
 ])
@@ -38,7 +39,7 @@ def test_multi_view_cl_and_offline_labels_are_accepted():
 # --- config files (configs/, a run's config.json) and the keys each method reads ------------------
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-OTHER_METHODS = [m for m in METHOD_NAMES if m != "interclr"]
+OTHER_METHODS = [m for m in METHODS if m != "interclr"]
 
 
 def build(*argv: str, method: str = "interclr") -> JobConfig:
@@ -69,7 +70,7 @@ def test_the_demo_file_holds_the_demo_settings():
 @pytest.mark.parametrize("method", OTHER_METHODS)
 def test_a_methods_demo_file_is_the_interclr_demo_without_the_keys_it_does_not_read(method):
     path = CONFIGS / method / "fashion_mnist.yaml"
-    expected = {key: value for key, value in PRESETS["demo"].items() if applies(key, method)}
+    expected = {key: value for key, value in PRESETS["demo"].items() if applies(key, METHODS[method])}
     assert read_config_file(path) == {**expected, "method.name": method}
     assert build("--preset", "demo", method=method) == build("--config", str(path), method=method)
     # every key the method reads is what the InterCLR demo gave this method before the files
@@ -91,7 +92,7 @@ def test_preset_and_config_together_is_an_error():
 
 
 @pytest.mark.parametrize("method,argv", [
-    *[(method, ["--preset", "demo"]) for method in METHOD_NAMES],
+    *[(method, ["--preset", "demo"]) for method in METHODS],
     ("simclr", ["--preset", "imagenet", "--max-steps", "9"]),  # LARS wd 1e-06: YAML 1.1 reads it as text
     ("interclr", ["--preset", "imagenet22k", "--base", "byol", "--set", "model.sync_bn=false"]),
 ])
@@ -149,9 +150,10 @@ def test_a_config_file_key_the_method_does_not_read_is_an_error_unless_at_its_de
 
 
 def test_a_presets_keys_for_other_methods_are_not_the_users():
-    # benchmarks/fidelity.py: the InterCLR demo, then --set method.name; its InterCLR keys stay, unread
+    # benchmarks/fidelity.py: the InterCLR demo, then --set method.name; its InterCLR keys are dropped
     config = build("--preset", "demo", "--set", "method.name=simclr", "--set", "method.temperature=0.19")
-    assert (config.method.name, config.method.base) == ("simclr", "moco")
+    assert (config.method.name, config.method.temperature) == ("simclr", 0.19)
+    assert not hasattr(config.method, "base") and config.data.image_size == 28  # the preset's shared keys stay
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -187,3 +189,37 @@ def test_imclr_job_takes_n_from_the_config_file_unless_given(tmp_path):
     plain = build(*job.driver_argv(["--config", path]), method="supervised")
     imclr3 = build(*job.driver_argv(["--config", path, "--imclr", "3", "--name", "imclr3"]), method="supervised")
     assert (plain.name, plain.method.imclr, imclr3.name, imclr3.method.imclr) == ("demo", 0, "imclr3", 3)
+
+
+# --- a run's config.json from before each method had its own section ------------------------------
+
+# what runtime/driver.py wrote for a MoCo run when one `method:` section held every method's keys
+OLD_MOCO_METHOD = {"name": "moco", "base": "npid", "num_negatives": 16384, "strategy": "semi_hard", "weight": 0.75,
+                   "inter_margin": -0.5, "warmup_epochs": 0, "temperature": None, "queue_size": 4096,
+                   "key_momentum": 0.99, "symmetric": False, "positives": 1, "intra_batch": True,
+                   "detach_queue_weights": True, "gather": True, "loss": "nt_xent", "paradigm": "core",
+                   "colorspace": "lab", "imclr": 0}
+
+
+def old_config_json(tmp_path, **method) -> Path:
+    saved = build("--preset", "demo", method="moco").to_dict()
+    saved["method"] = {**OLD_MOCO_METHOD, **method}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved, indent=1))
+    return path
+
+
+def test_an_old_runs_config_json_still_reads_as_the_same_moco_config(tmp_path):
+    path = old_config_json(tmp_path)
+    expected = build("--preset", "demo", method="moco")  # τ null was "the paper's": MoCo's 0.2
+    assert (expected.method.temperature, expected.method.queue_size) == (0.2, 4096)
+    assert build("--config", str(path), method="moco") == expected
+    assert JobConfig.from_dict(json.loads(path.read_text())) == expected  # what resume and export read
+
+
+def test_an_old_config_json_with_another_methods_key_set_is_a_one_line_error(tmp_path):
+    path = old_config_json(tmp_path, base="moco")
+    assert one_line_error("--config", str(path), method="moco") == \
+        f"method.base does not apply to moco (it is InterCLR's; set to moco in {path})"
+    with pytest.raises(ConfigError, match="config.json: method.base does not apply to moco"):
+        JobConfig.from_dict(json.loads(path.read_text()))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from models.registry import METHODS
 from runtime.config import PRESETS, JobConfig, resolve_optimizer
 from tests import datasets
 
@@ -232,11 +233,12 @@ def test_the_report_is_written_from_the_cache(fidelity, tmp_path):
 def by_hand(overrides: dict) -> dict:
     """The demo preset and then the cell's overrides written into the nested dict of the defaults;
     then the one step every job adds (the method's paper optimiser for fields left None)."""
-    config = JobConfig().to_dict()
-    config["method"]["name"] = "interclr"
+    name = overrides.get("method.name", "interclr")
+    config = JobConfig(method=METHODS[name]()).to_dict()
     for dotted, value in {**PRESETS["demo"], **overrides}.items():
         section, _, key = dotted.rpartition(".")
-        (config[section] if section else config)[key] = value
+        if section != "method" or key in config["method"]:  # the preset's InterCLR keys have no place in another method's
+            (config[section] if section else config)[key] = value
     return resolve_optimizer(JobConfig.from_dict(config)).to_dict()
 
 

@@ -12,6 +12,8 @@ import torchvision
 
 from models import (BYOL, CACR, CMC, NPID, InterCLR, MoCo, MoCoQueue, SimCLR, SmallAlexNet, SplitEncoder,
                     Supervised, build_encoder, byol_decay, ema_update, resnet)
+from models.interclr import InterCLRConfig
+from runtime.config import JobConfig
 from tests import datasets
 
 needs_fashion_mnist = pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.exists(),
@@ -308,7 +310,7 @@ def test_npid_learns_and_updates_its_bank(make_bank):
 @pytest.mark.parametrize("base", ["npid", "moco", "byol"])
 def test_interclr_step_talks_to_a_real_bank(make_bank, base):
     torch.manual_seed(0)
-    method, (bank,) = attach_banks(InterCLR(tiny_backbone(), base=base, num_negatives=16, queue_size=64), make_bank)
+    method, (bank,) = attach_banks(interclr_on(base), make_bank)
     batch = batch_of(2)
     before = bank.get(batch["index"]).clone()
     untouched = bank.get(batch["index"] + 1).clone()
@@ -327,20 +329,34 @@ def test_interclr_step_talks_to_a_real_bank(make_bank, base):
 
 def test_interclr_warmup_uses_the_intra_branch_only(make_bank):
     torch.manual_seed(0)
-    method, (bank,) = attach_banks(InterCLR(tiny_backbone(), base="npid", num_negatives=16, warmup_epochs=2), make_bank)
+    method, (bank,) = attach_banks(interclr_on("npid", warmup_epochs=2), make_bank)
     assert set(method.training_step(batch_of(1), epoch=1)) == {"loss", "intra"}
     assert set(method.training_step(batch_of(1), epoch=2)) == {"loss", "intra", "inter"}
 
 
-def test_interclr_paper_defaults():
-    method = InterCLR(tiny_backbone())
+def interclr_on(base: str, num_negatives: int = 16, **kwargs) -> InterCLR:
+    """InterCLR over a tiny base: NPID with InterCLR's K, MoCo with a 64-key queue, BYOL."""
+    built = {"npid": lambda: NPID(tiny_backbone(), num_negatives=num_negatives),
+             "moco": lambda: MoCo(tiny_backbone(), queue_size=64), "byol": lambda: BYOL(tiny_backbone())}[base]()
+    return InterCLR(built, num_negatives=num_negatives, **kwargs)
+
+
+def test_interclr_paper_defaults_from_its_config():
+    job = JobConfig(method=InterCLRConfig())  # base npid
+    job.model.encoder, job.model.width = "resnet18", 0.125
+    method = job.method.build(job)
+    assert isinstance(method.base, NPID) and method.base.num_negatives == 16_384
     assert (method.num_negatives, method.strategy, method.inter_margin, method.intra_margin, method.weight,
             method.temperature, method.bank_momentum) == (16_384, "semi_hard", -0.5, 0.0, 0.75, 0.1, 0.5)
     assert method.bank_requests()[0].clusters
-    moco = InterCLR(tiny_backbone(), base="moco")
-    assert (moco.temperature, moco.bank_momentum) == (0.2, 1.0)
-    with pytest.raises(ValueError, match="unknown InterCLR base"):
-        InterCLR(tiny_backbone(), base="swav")
+    job.method.base = "moco"
+    moco = job.method.build(job)
+    assert isinstance(moco.base, MoCo) and (moco.temperature, moco.bank_momentum) == (0.2, 1.0)
+    assert (moco.base.temperature, moco.base.queue.keys.shape[0]) == (0.2, 65_536)
+    job.method.temperature = 0.3  # InterCLR's τ is its base's too
+    assert (job.method.build(job).temperature, job.method.build(job).base.temperature) == (0.3, 0.3)
+    with pytest.raises(ValueError, match="SimCLR is not an InterCLR base"):
+        InterCLR(SimCLR(tiny_backbone()))
 
 
 def test_cmc_with_banks_learns_and_updates_one_bank_per_view(make_bank):

@@ -133,8 +133,9 @@ def test_interclr_bank_sees_the_global_views_only(make_bank, base):
     written, losses = [], []
     for local_seed in (1, 2):
         torch.manual_seed(0)
-        method = InterCLR(tiny_backbone(), base=base, num_negatives=8, queue_size=64, shuffle_bn=False,
-                          local_crops=2)
+        built = (MoCo(tiny_backbone(), queue_size=64, shuffle_bn=False, local_crops=2) if base == "moco" else
+                 BYOL(tiny_backbone(), local_crops=2))
+        method = InterCLR(built, num_negatives=8)
         bank = make_bank(64, method.embed_dim, num_shards=2, num_clusters=4, momentum=method.bank_momentum, seed=0)
         ids = np.arange(bank.num_samples)
         bank.set_features(ids, F.normalize(torch.randn(len(ids), bank.dim, generator=torch.Generator().manual_seed(3)),

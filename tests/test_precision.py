@@ -48,7 +48,7 @@ METHODS = {  # name → (build, optimiser); SimCLR and BYOL with LARS as their p
     "moco": (lambda: MoCo(tiny_backbone(), hidden_dim=64, queue_size=64), "sgd"),
     "simclr": (lambda: SimCLR(tiny_backbone(), hidden_dim=64), "lars"),
     "byol": (lambda: BYOL(tiny_backbone(), embed_dim=32, hidden_dim=64), "lars"),
-    "interclr-moco": (lambda: InterCLR(tiny_backbone(), base="moco", num_negatives=16, queue_size=64), "sgd"),
+    "interclr-moco": (lambda: InterCLR(MoCo(tiny_backbone(), queue_size=64), num_negatives=16), "sgd"),
 }
 
 
@@ -104,7 +104,7 @@ def test_16_mixed_skips_a_step_with_non_finite_gradients_whole(make_bank):
     schedule and step counter advance (Lightning's rule) and the scale backs off. The next finite step
     is applied. BatchNorm's running statistics are the forward's, as in Lightning and apex."""
     torch.manual_seed(0)
-    method = InterCLR(tiny_backbone(), base="moco", num_negatives=16, queue_size=64)
+    method = InterCLR(MoCo(tiny_backbone(), queue_size=64), num_negatives=16)
     bank = make_bank_for(method, make_bank)
     method.attach_banks([bank])
     precision = Precision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))

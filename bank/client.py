@@ -1,6 +1,6 @@
 """Driver-side client of the sharded memory bank. Picklable: pass it into Ray Train workers.
 
-    bank = MemoryBank.create(num_samples=N, dim=128, num_shards=2, num_clusters=10_000, momentum=0.5)
+    bank = MemoryBank.create(BankSpec(num_samples=N, dim=128, num_shards=2, num_clusters=10_000, momentum=0.5))
     bank.set_features(ids, feats)                 # initial features (e.g. one pass of the encoder)
     bank.init_clusters(iters=10)                  # global k-means across the shards
     pos, neg = bank.intra(q, ids, 16384, 0.1)     # NPID branch: bank feature + K random negatives
@@ -16,9 +16,13 @@ negatives into one value whose gradient is exact (bank.autograd). Ids are global
 
 Momentum convention (InterCLR Eq. 2): v̂ ← (1 - ω)·v̂ + ω·v with ω = `momentum`; ω = 1 replaces
 the stored feature (MoCo-InterCLR), ω = 0.5 is NPIDv2's.
+
+The bank is a `BankSpec` (bank/spec.py); every remote call names its `BankShard` method (`Call`);
+global k-means is bank/clustering.py, the online cluster upkeep bank/upkeep.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -29,16 +33,14 @@ import numpy as np
 import ray
 import torch
 
+from bank import clustering
 from bank.autograd import combine_shards, folded_negative_similarity
-from bank.kmeans import kmeans_plus_plus, normalized_mutual_info, split_empty_clusters
-from bank.shard import STRATEGIES, BankShard, BankStateError, ShardRestartedError
+from bank.kmeans import normalized_mutual_info
+from bank.shard import STRATEGIES, BankShard, BankStateError, Call, ShardRestartedError
+from bank.spec import BankSpec
+from bank.upkeep import run_upkeep
 
 log = logging.getLogger("viewbank.bank")
-
-# mmselfsup 0.x InterCLR: memory_bank min_cluster=20 (configs/selfsup/_base_/models/interclr-moco.py),
-# deal_with_small_clusters_interval=1, i.e. every iteration (_base_/datasets/imagenet_interclr-moco.py).
-MIN_CLUSTER = 20
-TWO_MEANS_ITERS = 20  # the reference splits with sklearn KMeans(n_clusters=2, max_iter=20)
 
 
 @dataclass
@@ -55,85 +57,44 @@ class BankAnswer:
 
 
 class MemoryBank:
-    def __init__(self, shards: list, config: dict):
+    def __init__(self, shards: list, spec: BankSpec):
         self.shards = shards
-        self.config = config
-        self.num_samples, self.dim = config["num_samples"], config["dim"]
-        self.num_shards, self.num_clusters = config["num_shards"], config["num_clusters"]
-        self.momentum = config["momentum"]
-        self.rows = np.array([len(range(s, self.num_samples, self.num_shards)) for s in range(self.num_shards)])
-        self.min_cluster = config.get("min_cluster", MIN_CLUSTER)
-        self.relabel = config.get("relabel", True)  # False: offline labels, fixed between init_clusters runs
-        self._rng = np.random.default_rng(config["seed"])
-        self._upkeep_rng = np.random.default_rng([config["seed"], 1])  # 2-means seeds of online splits
+        self.spec = spec
+        self.num_samples, self.dim = spec.num_samples, spec.dim
+        self.num_shards, self.num_clusters = spec.num_shards, spec.num_clusters
+        self.momentum, self.min_cluster, self.relabel = spec.momentum, spec.min_cluster, spec.relabel
+        self.rows = np.array([spec.rows(s) for s in range(self.num_shards)])
+        self._rng = np.random.default_rng(spec.seed)
+        self.upkeep_rng = np.random.default_rng([spec.seed, 1])  # 2-means seeds of online splits
         self.traffic_bytes = 0  # numpy payload sent to and received from the shards
         self.wait_seconds = 0.0  # time the caller spent blocked on the shards
         self.round_trips = 0  # blocking fan-outs (one ray.get each)
         # an update issued with block=False: its shards' apply_deltas results (shard 0's is the upkeep
         # cue), collected by the next blocking call in the same ray.get
         self._pending: list = []
-        self._in_upkeep = False
+        self.in_upkeep = False
         self.upkeep = {"dissolved": 0, "refilled": 0, "random_splits": 0, "round_trips": 0, "runs": 0}  # this client's
 
     # --- construction ----------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, num_samples: int, dim: int, num_shards: int = 1, num_clusters: int = 10_000,
-               momentum: float = 0.5, seed: int = 0, dtype: str = "float32", snapshot_root: str | None = None,
-               true_labels: np.ndarray | None = None, actor_options: dict | list[dict] | None = None,
-               max_restarts: int = -1, threads_per_shard: int | None = None,
-               min_cluster: int = MIN_CLUSTER, relabel: bool = True) -> "MemoryBank":
-        """Start `num_shards` bank actors (num_cpus=0 by default; `actor_options` per shard or for
-        all, e.g. {"num_gpus": 1} or a placement-group scheduling strategy); `threads_per_shard` sets
-        each shard's torch threads (Ray gives num_cpus=0 actors one). `snapshot_root` is where
-        `save()` writes by default and where a restarted shard restores from. `true_labels` [N]
-        (e.g. `Manifest.labels()`) enables NMI in `stats()`. `min_cluster`: after every `update`,
-        clusters with fewer members are dissolved and every empty cluster is refilled by splitting
-        the largest (mmselfsup InterCLR's default, 20); 0 disables this upkeep. `relabel=False`: offline
-        pseudo-labels (003 Observation 1): `update` writes features only, labels change only when
-        `init_clusters` runs again (the trainer reruns it every epoch), and there is no upkeep."""
-        config, shard_args = cls.plan(num_samples, dim, num_shards, num_clusters, momentum, seed, dtype,
-                                      snapshot_root, true_labels, max_restarts, threads_per_shard, min_cluster, relabel)
-        options = actor_options if isinstance(actor_options, list) else [actor_options or {}] * num_shards
+    def create(cls, spec: BankSpec, true_labels: np.ndarray | None = None,
+               actor_options: dict | list[dict] | None = None) -> "MemoryBank":
+        """Start the `spec.num_shards` bank actors (num_cpus=0 by default; `actor_options` per shard
+        or for all, e.g. {"num_gpus": 1} or a placement-group scheduling strategy). `true_labels` [N]
+        (e.g. `Manifest.labels()`) enables NMI in `stats()`."""
+        spec.warn_if_upkeep_thrashes()
+        labels = [spec.shard_labels(true_labels, s) for s in range(spec.num_shards)]
+        options = actor_options if isinstance(actor_options, list) else [actor_options or {}] * spec.num_shards
         remote = ray.remote(BankShard)
-        shards = [remote.options(**{"num_cpus": 0, "max_restarts": max_restarts, "max_task_retries": 0,
-                                    **options[s]}).remote(*shard_args[s]) for s in range(num_shards)]
-        return cls.connect(shards, config)
+        shards = [remote.options(**{"num_cpus": 0, "max_restarts": spec.max_restarts, "max_task_retries": 0,
+                                    **options[s]}).remote(spec, s, labels[s]) for s in range(spec.num_shards)]
+        return cls.connect(shards, spec)
 
     @classmethod
-    def plan(cls, num_samples: int, dim: int, num_shards: int = 1, num_clusters: int = 10_000,
-             momentum: float = 0.5, seed: int = 0, dtype: str = "float32", snapshot_root: str | None = None,
-             true_labels: np.ndarray | None = None, max_restarts: int = -1, threads_per_shard: int | None = None,
-             min_cluster: int = MIN_CLUSTER, relabel: bool = True) -> tuple[dict, list[tuple]]:
-        """The checked request of `create`: the bank's config and each shard's `BankShard` arguments."""
-        if num_samples <= 0 or dim <= 0 or num_shards <= 0 or num_clusters <= 0:
-            raise ValueError("num_samples, dim, num_shards and num_clusters must be positive")
-        if num_clusters > num_samples:
-            raise ValueError(f"num_clusters ({num_clusters}) exceeds num_samples ({num_samples})")
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum ω must be in (0, 1] (Eq. 2: v̂ ← (1-ω)v̂ + ωv), got {momentum}")
-        if dtype not in ("float32", "float16"):
-            raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
-        if isinstance(min_cluster, bool) or not isinstance(min_cluster, (int, np.integer)) or min_cluster < 0:
-            raise ValueError(f"min_cluster must be an int >= 0 (0 disables cluster upkeep), got {min_cluster!r}")
-        if true_labels is not None and len(true_labels) != num_samples:
-            raise ValueError(f"true_labels has {len(true_labels)} entries for {num_samples} samples")
-        if min_cluster * num_clusters > num_samples:
-            log.warning("min_cluster %d × %d clusters exceeds the %d samples: cluster upkeep will dissolve and "
-                        "split clusters at every update (lower min_cluster, or 0 to disable)",
-                        min_cluster, num_clusters, num_samples)
-        config = {"num_samples": num_samples, "dim": dim, "num_shards": num_shards, "num_clusters": num_clusters,
-                  "momentum": momentum, "seed": seed, "dtype": dtype, "snapshot_root": snapshot_root,
-                  "max_restarts": max_restarts, "threads_per_shard": threads_per_shard,
-                  "min_cluster": int(min_cluster), "relabel": bool(relabel)}
-        labels = [None if true_labels is None else np.asarray(true_labels)[s::num_shards] for s in range(num_shards)]
-        return config, [(s, num_shards, num_samples, dim, num_clusters, dtype, "auto", snapshot_root, labels[s],
-                         threads_per_shard) for s in range(num_shards)]
-
-    @classmethod
-    def connect(cls, shards: list, config: dict) -> "MemoryBank":
-        """The client of `shards` (BankShard actors built from `plan`'s arguments), once each answers."""
-        bank = cls(shards, config)
+    def connect(cls, shards: list, spec: BankSpec) -> "MemoryBank":
+        """The client of `shards` (BankShard actors built from `spec`), once each answers."""
+        bank = cls(shards, spec)
         ray.get([shard.ping.remote() for shard in shards])
         return bank
 
@@ -144,12 +105,10 @@ class MemoryBank:
         meta_path = Path(directory) / "bank.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path} not found: not a bank snapshot")
-        meta = json.loads(meta_path.read_text())
-        bank = cls.create(meta["num_samples"], meta["dim"], meta["num_shards"], meta["num_clusters"],
-                          meta["momentum"], meta["seed"], meta["dtype"],
-                          snapshot_root or meta.get("snapshot_root"), true_labels, actor_options,
-                          meta.get("max_restarts", -1), meta.get("threads_per_shard"),
-                          min_cluster=meta.get("min_cluster", MIN_CLUSTER), relabel=meta.get("relabel", True))
+        spec = BankSpec.from_json(json.loads(meta_path.read_text()))
+        if snapshot_root is not None:
+            spec = dataclasses.replace(spec, snapshot_root=snapshot_root)
+        bank = cls.create(spec, true_labels, actor_options)
         bank.restore(str(directory))
         return bank
 
@@ -183,8 +142,12 @@ class MemoryBank:
         shard_of = ids % self.num_shards
         return [np.flatnonzero(shard_of == s) for s in range(self.num_shards)]
 
-    def _call(self, calls, retry: bool = True):
-        """calls: list of (shard_index, method, args, kwargs). One ray.get for the fan-out, which also
+    def each(self, method, *args, **kwargs) -> list[Call]:
+        """The same call of `method` (a BankShard method) on every shard."""
+        return [Call(s, method, args, kwargs) for s in range(self.num_shards)]
+
+    def call(self, calls: list[Call], retry: bool = True) -> list:
+        """The answers of `calls`, in order. One ray.get for the fan-out, which also
         completes a pending asynchronous update (`update(block=False)`); when that update left a
         cluster below `min_cluster`, upkeep runs after this call's answers are in. If a shard died
         or restarted, restore every shard from the last snapshot and retry once (a pending update is
@@ -193,7 +156,7 @@ class MemoryBank:
         restored, older state under the new snapshot's name."""
         for attempt in (0, 1):
             start = time.perf_counter()
-            refs = [getattr(self.shards[s], m).remote(*a, **k) for s, m, a, k in calls]
+            refs = [getattr(self.shards[c.shard], c.method.__name__).remote(*c.args, **c.kwargs) for c in calls]
             pending, self._pending = self._pending, []
             try:
                 answers = ray.get(pending + refs)
@@ -204,22 +167,23 @@ class MemoryBank:
                             str(exc).splitlines()[0])
                 self._recover()
                 if not retry:
-                    raise BankStateError(f"a bank shard failed during {calls[0][1] if calls else 'a call'} "
+                    during = calls[0].method.__name__ if calls else "a call"
+                    raise BankStateError(f"a bank shard failed during {during} "
                                          f"({str(exc).splitlines()[0]}); every shard was restored from the "
                                          "last snapshot, which is intact") from None
                 continue
             cue, results = (answers[0] if pending else None), answers[len(pending):]
             self.round_trips += 1
             self.wait_seconds += time.perf_counter() - start
-            self.traffic_bytes += _nbytes([a for _, _, a, _ in calls]) + _nbytes(results) + _nbytes(cue)
-            if cue is not None and not self._in_upkeep:
-                self._upkeep(cue)
+            self.traffic_bytes += _nbytes([c.args for c in calls]) + _nbytes(results) + _nbytes(cue)
+            if cue is not None and not self.in_upkeep:
+                run_upkeep(self, cue)
             return results
 
     def settle(self) -> None:
         """Wait for a pending asynchronous update (and its upkeep); a no-op without one."""
         if self._pending:
-            self._call([])
+            self.call([])
 
     def _recover(self) -> None:
         deadline = time.monotonic() + 120
@@ -231,7 +195,7 @@ class MemoryBank:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
-        root = self.config.get("snapshot_root")
+        root = self.spec.snapshot_root
         pointer = Path(root) / "LATEST" if root else None
         if pointer is None or not pointer.exists():
             raise BankStateError("a bank shard was restarted and no snapshot exists to restore it from "
@@ -249,9 +213,11 @@ class MemoryBank:
                                  f"{self.num_shards}")
         partials = ray.get([s.restore.remote(directory) for s in self.shards])
         centroids = torch.load(Path(directory) / "shard-0000.pt")["centroids"].numpy()
-        self._broadcast_replicas(partials, centroids)
+        self.broadcast_replicas(partials, centroids)
 
-    def _broadcast_replicas(self, partials: list[dict], centroids: np.ndarray) -> None:
+    def broadcast_replicas(self, partials: list[dict], centroids: np.ndarray) -> None:
+        """Every shard's cluster replica from the shards' own sums and counts (`partials`), empty
+        clusters keeping `centroids`."""
         sums = np.sum([p["sums"] for p in partials], axis=0)
         counts = np.stack([p["counts"] for p in partials])
         total = counts.sum(axis=0)
@@ -262,13 +228,13 @@ class MemoryBank:
 
     # --- reads and writes ------------------------------------------------------------------------
 
-    def _from_owners(self, ids: np.ndarray, method: str) -> list[tuple[np.ndarray, object]]:
+    def _from_owners(self, ids: np.ndarray, method) -> list[tuple[np.ndarray, object]]:
         """Call `method` on each shard with the ids it owns: [(positions in ids, its answer)]."""
         owners = self._owners(ids)
-        calls = [(s, method, (ids[pos],), {}) for s, pos in enumerate(owners) if len(pos)]
-        return [(owners[s], part) for (s, _, _, _), part in zip(calls, self._call(calls))]
+        calls = [Call(s, method, (ids[pos],)) for s, pos in enumerate(owners) if len(pos)]
+        return [(owners[c.shard], part) for c, part in zip(calls, self.call(calls))]
 
-    def _gather(self, ids: np.ndarray, method: str, width: int | None, dtype) -> np.ndarray:
+    def _gather(self, ids: np.ndarray, method, width: int | None, dtype) -> np.ndarray:
         out = np.zeros((len(ids), width) if width else len(ids), dtype=dtype)
         for positions, part in self._from_owners(ids, method):
             out[positions] = part
@@ -276,23 +242,23 @@ class MemoryBank:
 
     def get(self, ids) -> torch.Tensor:
         """Stored (normalised) features [B, D] float32."""
-        return torch.from_numpy(self._gather(self._ids(ids), "get", self.dim, np.float32))
+        return torch.from_numpy(self._gather(self._ids(ids), BankShard.get, self.dim, np.float32))
 
     def labels(self, ids) -> torch.Tensor:
         """Pseudo-labels [B] int64 (-1 before `init_clusters`)."""
-        return torch.from_numpy(self._gather(self._ids(ids), "get_labels", None, np.int64))
+        return torch.from_numpy(self._gather(self._ids(ids), BankShard.get_labels, None, np.int64))
 
     def set_features(self, ids, feats) -> None:
         """Write features as they are (normalised, no momentum, no relabel): initial features."""
         ids = self._ids(ids, allow_duplicates=False)
         feats = self._feats(feats, len(ids))
         owners = self._owners(ids)
-        self._call([(s, "set_features", (ids[pos], feats[pos]), {}) for s, pos in enumerate(owners) if len(pos)])
+        self.call([Call(s, BankShard.set_features, (ids[pos], feats[pos])) for s, pos in enumerate(owners) if len(pos)])
 
     def update(self, ids, feats, block: bool = True) -> None:
         """Eq. 2 momentum update and re-normalisation, relabel of each updated row to its most
         similar centroid (Sect. 4.1), and the running means of the centroids updated with every
-        member change; then cluster upkeep (`_upkeep`) when some cluster has fewer than
+        member change; then cluster upkeep (bank/upkeep.py) when some cluster has fewer than
         `min_cluster` members. With offline labels (`relabel=False`): features only, no deltas, no
         upkeep.
 
@@ -319,107 +285,18 @@ class MemoryBank:
         if block:
             self.settle()
 
-    def _broadcast_deltas(self, deltas: list[dict], report_below: int = 0) -> np.ndarray | None:
+    def broadcast_deltas(self, deltas: list[dict], report_below: int = 0) -> np.ndarray | None:
         """Apply every shard's deltas on every shard (one fan-out); shard 0 reports the global cluster
         sizes when one is below `report_below` (see BankShard.apply_deltas)."""
-        return self._call([(s, "apply_deltas", (deltas,), {"report_below": report_below if s == 0 else 0})
-                           for s in range(self.num_shards)])[0]
-
-    # --- cluster upkeep --------------------------------------------------------------------------
-
-    def _upkeep(self, sizes: np.ndarray) -> None:
-        """mmselfsup 0.x InterCLRMemory.deal_with_small_clusters (interclr_memory.py; ODCMemory's is
-        the same), across shards: the members of every cluster with fewer than `min_cluster` move
-        to the most similar remaining centroid (argmax v·c) on the shards that own them; then every
-        empty cluster is refilled by splitting the largest (`_refill`); one broadcast of all the
-        deltas leaves every replica equal to the members' running means. Differences: the centroids
-        are exact running means throughout (the reference recomputes them every 10 iterations and
-        after each split), and when every cluster is small none is dissolved (the reference would
-        have no centroid left to move to)."""
-        trips = self.round_trips
-        self._in_upkeep = True
-        try:
-            self._upkeep_once(np.array(sizes, dtype=np.int64))
-        finally:
-            self._in_upkeep = False
-        self.upkeep["runs"] += 1
-        self.upkeep["round_trips"] += self.round_trips - trips
-
-    def _upkeep_once(self, sizes: np.ndarray) -> None:
-        small = np.flatnonzero(sizes < self.min_cluster)
-        deltas = []
-        occupied = small[sizes[small] > 0]
-        if len(small) < self.num_clusters and len(occupied):
-            deltas += self._call([(s, "dissolve_clusters", (occupied,), {}) for s in range(self.num_shards)])
-            _add_counts(sizes, deltas)
-            self.upkeep["dissolved"] += len(occupied)
-        split_deltas, refilled = self._refill(np.flatnonzero(sizes == 0), sizes, self._upkeep_rng)
-        deltas += split_deltas
-        if deltas:
-            self._broadcast_deltas(deltas)
-        self.upkeep["refilled"] += refilled
-
-    def _refill(self, empty: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> tuple[list, int]:
-        """_redirect_empty_clusters: for each empty cluster in index order, split the currently
-        largest (ties: lowest index) and give it one half. Updates `sizes` in place; returns the
-        deltas (not yet broadcast) and how many clusters were refilled."""
-        deltas, refilled = [], 0
-        for empty_cluster in empty:
-            largest = int(np.argmax(sizes))
-            if sizes[largest] < 2:
-                log.warning("cluster upkeep: no cluster has 2 members left to split for cluster %d", empty_cluster)
-                break
-            split = self._split(largest, int(empty_cluster), rng)
-            _add_counts(sizes, split)
-            deltas += split
-            refilled += 1
-        return deltas, refilled
-
-    def _split(self, cluster: int, new_cluster: int, rng: np.random.Generator) -> list[dict]:
-        """_partition_max_cluster across shards: 2-means on the members of `cluster` (k-means++
-        seeds drawn near the data, Lloyd steps from per-shard per-side sums and counts, at most
-        TWO_MEANS_ITERS, Euclidean as sklearn's KMeans), then side 1 moves to `new_cluster`. When
-        2-means degenerates (identical members, an empty side) a random half moves, as in the
-        reference; only then are the member ids of this one cluster shipped. The seeds come from
-        `rng` and global ids, so the split does not depend on the shard layout. The reference runs
-        sklearn with n_init restarts and greedy k-means++; this is one plain k-means++ run."""
-        everyone = range(self.num_shards)
-        seeds = rng.integers(2**62, size=2)
-        first = self._split_seed(cluster, int(seeds[0]), None)
-        second = self._split_seed(cluster, int(seeds[1]), first)
-        centers = None if second is None else np.stack([first, second])
-        for iteration in range(TWO_MEANS_ITERS if centers is not None else 0):
-            parts = self._call([(s, "two_means_step", (cluster, centers), {}) for s in everyone])
-            counts = np.sum([p["counts"] for p in parts], axis=0)
-            if (counts == 0).any():
-                centers = None
-                break
-            means = np.sum([p["sums"] for p in parts], axis=0) / counts[:, None]
-            if np.array_equal(means, centers) or iteration == TWO_MEANS_ITERS - 1:
-                break  # split by the centers just stepped with: both sides have members
-            centers = means
-        if centers is not None:
-            return self._call([(s, "split_cluster", (cluster, new_cluster), {"centers": centers}) for s in everyone])
-        log.warning("cluster upkeep: 2-means split of cluster %d degenerated; moving a random half", cluster)
-        self.upkeep["random_splits"] += 1
-        members = np.sort(np.concatenate(self._call([(s, "cluster_member_ids", (cluster,), {}) for s in everyone])))
-        half = rng.choice(members, len(members) // 2, replace=False)
-        return self._call([(s, "split_cluster", (cluster, new_cluster), {"ids": half[half % self.num_shards == s]})
-                           for s in everyone])
-
-    def _split_seed(self, cluster: int, seed: int, center: np.ndarray | None) -> np.ndarray | None:
-        """The member drawn ∝ 1 (center None) or ∝ ‖v - center‖² over the whole cluster: the
-        smallest of the shards' keys (ties: lowest global id). None when every weight is 0."""
-        parts = self._call([(s, "split_seed", (cluster, seed, center), {}) for s in range(self.num_shards)])
-        best = min(parts, key=lambda p: (p["key"], p["id"] if p["id"] >= 0 else np.inf))
-        return None if not np.isfinite(best["key"]) else np.asarray(best["feat"], dtype=np.float64)
+        return self.call([Call(s, BankShard.apply_deltas, (deltas,), {"report_below": report_below if s == 0 else 0})
+                          for s in range(self.num_shards)])[0]
 
     # --- queries ---------------------------------------------------------------------------------
 
     def _anchors(self, ids: np.ndarray) -> dict:
         info = {"feats": np.zeros((len(ids), self.dim), np.float32), "labels": np.zeros(len(ids), np.int64),
                 "cluster_counts": np.zeros((len(ids), self.num_shards), np.int64)}
-        for positions, part in self._from_owners(ids, "anchor_info"):
+        for positions, part in self._from_owners(ids, BankShard.anchor_info):
             for key in info:
                 info[key][positions] = part[key]
         return info
@@ -496,11 +373,11 @@ class MemoryBank:
         # negative (τ·logsumexp) must not round to half precision
         q = torch.nn.functional.normalize(query.float(), dim=1)
         q_np = q.detach().cpu().numpy()
-        calls = [(s, "score", (q_np, ids, [
+        calls = [Call(s, BankShard.score, (q_np, ids, [
             {"anchor_labels": labels, "shares": shares[s], "strategy": strat, "pool_fraction": pool_fraction,
              "want_positive": positive} for _, shares, labels, strat, positive in requests], temperature, seed),
             {"return_ids": return_ids}) for s in range(self.num_shards)]
-        answers = self._call(calls) if requests else []
+        answers = self.call(calls) if requests else []
         answer = BankAnswer()
         for index, (name, shares, _, _, _) in enumerate(requests):
             parts = [shard_answer[index] for shard_answer in answers]
@@ -560,66 +437,12 @@ class MemoryBank:
     def init_clusters(self, iters: int = 10, init: str = "random", seed: int | None = None,
                       init_sample: int | None = None, initial_centroids: np.ndarray | None = None,
                       progress=None) -> dict:
-        """Global k-means across the shards (Lloyd): every iteration each shard assigns its rows to
-        the broadcast centroids on its own device (bank.kmeans.nearest_centroid, chunked) and
-        returns per-cluster sums and counts; this client only reduces them, O(S·C·D) per iteration.
-        Seeding: "random" = C distinct rows drawn uniformly, as faiss does (faiss/Clustering.cpp
-        `Clustering::train_encoded` permutes the training points; mmselfsup 0.x InterCLR clusters
-        with faiss, mmselfsup/utils/clustering.py `Kmeans`) — O(C·D), the scalable default;
-        "kmeans++" on a uniform sample of `init_sample` rows (default 40·C) costs C sequential
-        passes over that sample in this process, for small banks only; or `initial_centroids`.
-        Empty clusters are split from large ones (faiss's rule); a cluster the final assignment
-        leaves empty is refilled by a 2-means split of the largest (as online upkeep).
-        `progress(message)` is called after the seeding and every iteration. Returns the inertia
-        per iteration (the last: of the final assignment, before such refills), the seeds, the split
-        counts and the seconds spent seeding and per iteration."""
-        seed = self.config["seed"] if seed is None else seed
-        rng = np.random.default_rng(seed)
-        c = self.num_clusters
-        report = progress or (lambda message: None)
-        started = time.perf_counter()
-        if initial_centroids is not None:
-            centroids = np.asarray(initial_centroids, dtype=np.float32).copy()
-            if centroids.shape != (c, self.dim):
-                raise ValueError(f"initial_centroids must be [{c}, {self.dim}], got {list(centroids.shape)}")
-        elif init in ("kmeans++", "random"):
-            sample_size = c if init == "random" else min(self.num_samples, init_sample or 40 * c)
-            sample = self._sample_rows(sample_size, rng)
-            centroids = sample[:c].copy() if init == "random" else kmeans_plus_plus(sample, c, rng)
-        else:
-            raise ValueError(f"init must be 'random' or 'kmeans++', got {init!r}")
-        seed_seconds = time.perf_counter() - started
-        report(f"k-means {self.num_samples} rows -> {c} clusters: seeded ({init}) in {seed_seconds:.1f} s")
-        seeds = centroids.copy()
-        history, splits, iteration_seconds = [], 0, []
-        for iteration in range(iters):
-            started = time.perf_counter()
-            partials = self._call([(s, "assign_partial", (centroids,), {}) for s in range(self.num_shards)])
-            sums = np.sum([p["sums"] for p in partials], axis=0)
-            counts = np.sum([p["counts"] for p in partials], axis=0)
-            history.append(float(sum(p["inertia"] for p in partials)))
-            alive = counts > 0
-            centroids[alive] = (sums[alive] / counts[alive, None]).astype(np.float32)
-            splits += split_empty_clusters(centroids, counts, rng)
-            iteration_seconds.append(time.perf_counter() - started)
-            report(f"k-means iteration {iteration + 1}/{iters}: inertia {history[-1]:.6g} "
-                   f"({iteration_seconds[-1]:.1f} s)")
-        partials = self._call([(s, "set_clusters", (centroids,), {}) for s in range(self.num_shards)])
-        final_inertia = float(sum(p["inertia"] for p in partials))
-        self._broadcast_replicas(partials, centroids)
-        # The final assignment can still leave a cluster empty (e.g. duplicate centroids); InterCLR
-        # starts from none (mmselfsup InterCLRMemory.init_memory asserts it): split the largest.
-        sizes = np.sum([p["counts"] for p in partials], axis=0)
-        deltas, refilled = self._refill(np.flatnonzero(sizes == 0), sizes, rng)
-        if deltas:
-            self._broadcast_deltas(deltas)
-        self._call([(s, "count_clustering", (), {}) for s in range(self.num_shards)])
-        return {"inertia": history + [final_inertia], "initial_centroids": seeds, "empty_splits": splits,
-                "final_refills": refilled, "seed_seconds": seed_seconds, "iteration_seconds": iteration_seconds}
+        """Global k-means across the shards: `bank.clustering.init_clusters`."""
+        return clustering.init_clusters(self, iters, init, seed, init_sample, initial_centroids, progress)
 
     def clusterings(self) -> int:
         """How many `init_clusters` runs have completed on this bank's shards (since they started)."""
-        return int(self._call([(0, "ping", (), {})])[0]["clusterings"])
+        return int(self.call([Call(0, BankShard.ping)])[0]["clusterings"])
 
     def wait_clustered(self, after: int, poll_seconds: float = 1.0) -> None:
         """Block until a k-means started elsewhere (another Ray Train rank's client) has completed,
@@ -630,12 +453,13 @@ class MemoryBank:
         while self.clusterings() == after:
             time.sleep(poll_seconds)
 
-    def _sample_rows(self, count: int, rng: np.random.Generator) -> np.ndarray:
+    def sample_rows(self, count: int, rng: np.random.Generator) -> np.ndarray:
+        """The stored features of `count` distinct rows drawn uniformly."""
         ids = rng.choice(self.num_samples, size=count, replace=False)
         return self.get(ids).numpy()
 
     def centroids(self) -> np.ndarray:
-        return self._call([(0, "cluster_state", (), {})])[0]["centroids"]
+        return self.call([Call(0, BankShard.cluster_state)])[0]["centroids"]
 
     # --- stats and snapshots ---------------------------------------------------------------------
 
@@ -643,8 +467,8 @@ class MemoryBank:
         """Cluster sizes, label change ratio since the last call, bank step, clusters this client
         dissolved / refilled by upkeep so far, and NMI of the pseudo-labels against the true labels
         when the bank was given them."""
-        state = self._call([(0, "cluster_state", (), {})])[0]
-        local = self._call([(s, "local_stats", (), {}) for s in range(self.num_shards)])
+        state = self.call([Call(0, BankShard.cluster_state)])[0]
+        local = self.call(self.each(BankShard.local_stats))
         sizes = state["counts"].sum(axis=0)
         updated = sum(p["updated"] for p in local)
         result = {
@@ -665,7 +489,7 @@ class MemoryBank:
         """Write every shard's features, labels, centroids and step, plus bank.json; with no
         directory, a new step folder under `snapshot_root`, which becomes LATEST (the snapshot a
         restarted shard restores from)."""
-        root = self.config.get("snapshot_root")
+        root = self.spec.snapshot_root
         if directory is None:
             if root is None:
                 raise ValueError("save() needs a directory, or create the bank with snapshot_root")
@@ -674,18 +498,13 @@ class MemoryBank:
         Path(directory).mkdir(parents=True, exist_ok=True)
         # a shard lost while the snapshot is written: BankStateError, with no bank.json in `directory`
         # (not a snapshot: `load` refuses it) and LATEST still naming the previous one
-        self._call([(s, "save", (directory,), {}) for s in range(self.num_shards)], retry=False)
-        (Path(directory) / "bank.json").write_text(json.dumps(self.config, indent=1))
+        self.call(self.each(BankShard.save, directory), retry=False)
+        (Path(directory) / "bank.json").write_text(json.dumps(self.spec.to_json(), indent=1))
         if root is not None and Path(directory).resolve().parent == Path(root).resolve():
             tmp = Path(root) / "LATEST.partial"
             tmp.write_text(Path(directory).name)
             tmp.replace(Path(root) / "LATEST")
         return directory
-
-
-def _add_counts(sizes: np.ndarray, deltas: list[dict]) -> None:
-    for delta in deltas:
-        np.add.at(sizes, np.asarray(delta["clusters"], dtype=np.int64), delta["counts"])
 
 
 def _nbytes(obj) -> int:

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bank.kmeans import hashed_uniform, nearest_centroid, two_means_sides
+from bank.spec import BankSpec
 
 STRATEGIES = ("hard", "semi_hard", "random", "semi_easy")
 GATHER_BYTES = 64 << 20  # cap on gathered [b, k, D] features per chunk
@@ -40,20 +43,36 @@ class ShardRestartedError(BankStateError):
     """The shard was restarted: it has no state (no snapshot) or awaits a resync of its replicas."""
 
 
+@dataclass(frozen=True)
+class Call:
+    """A remote call of `method` (a `BankShard` method itself, e.g. `BankShard.assign_partial`: named,
+    not spelled as a string) on the bank's shard `shard` with these arguments; `MemoryBank.call` runs
+    a list of them in one round trip."""
+    shard: int
+    method: Callable
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if getattr(BankShard, getattr(self.method, "__name__", ""), None) is not self.method:
+            raise TypeError(f"Call takes a BankShard method (e.g. BankShard.get), got {self.method!r}")
+
+
 class BankShard:
-    def __init__(self, shard_index: int, num_shards: int, num_samples: int, dim: int, num_clusters: int,
-                 dtype: str = "float32", device: str = "auto", snapshot_root: str | None = None,
-                 true_labels: np.ndarray | None = None, num_threads: int | None = None):
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.shard_index, self.num_shards = shard_index, num_shards
-        self.num_samples, self.dim, self.num_clusters = num_samples, dim, num_clusters
+    def __init__(self, spec: BankSpec, shard_index: int, true_labels: np.ndarray | None = None,
+                 device: str = "auto"):
+        """Shard `shard_index` of the bank `spec`; `true_labels`: the true classes of its own rows
+        (`spec.shard_labels`), for NMI; `device` "auto": CUDA where the actor sees a GPU."""
+        if spec.threads_per_shard:
+            torch.set_num_threads(spec.threads_per_shard)
+        self.shard_index, self.num_shards = shard_index, spec.num_shards
+        self.num_samples, self.dim, self.num_clusters = spec.num_samples, spec.dim, spec.num_clusters
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.storage = {"float32": torch.float32, "float16": torch.float16}[dtype]
-        self.rows = len(range(shard_index, num_samples, num_shards))
-        self.snapshot_root = snapshot_root
+        self.storage = {"float32": torch.float32, "float16": torch.float16}[spec.dtype]
+        self.rows = spec.rows(shard_index)
+        self.snapshot_root = spec.snapshot_root
         self.true_labels = None if true_labels is None else torch.tensor(np.asarray(true_labels), dtype=torch.int64)
         self.generation = 0
         self.clusterings = 0  # completed MemoryBank.init_clusters runs (other ranks wait on it)
@@ -61,7 +80,7 @@ class BankShard:
         self._empty_state()
         if _reconstructed():
             self.generation = 1
-            latest = _latest_snapshot(snapshot_root)
+            latest = _latest_snapshot(self.snapshot_root)
             if latest is None:
                 self.state_error = (f"bank shard {shard_index} was restarted and has no snapshot to restore "
                                     "from; its features are lost (save() the bank to enable restore)")

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bank.shard import BankShard  # noqa: E402
+from bank.spec import BankSpec  # noqa: E402
 from losses import info_nce_from_logits, interclr_loss  # noqa: E402
 
 
@@ -163,12 +164,13 @@ def time_ray(args, shards: int) -> dict:
     return out
 
 
-def filled_bank(args, shards: int, **options):
-    """(a bank of `shards` Ray shards holding random_bank's rows, those rows, threads per shard)."""
-    from bank import MemoryBank
+def filled_bank(args, shards: int, **spec):
+    """(a bank of `shards` Ray shards holding random_bank's rows, those rows, threads per shard);
+    `spec`: more BankSpec fields."""
+    from bank import BankSpec, MemoryBank
     threads = max(1, (os.cpu_count() or 1) // shards)
-    bank = MemoryBank.create(args.n, args.dim, num_shards=shards, num_clusters=args.clusters, seed=0,
-                             threads_per_shard=threads, **options)
+    bank = MemoryBank.create(BankSpec(args.n, args.dim, num_shards=shards, num_clusters=args.clusters, seed=0,
+                                      threads_per_shard=threads, **spec))
     feats, _ = random_bank(args.n, args.dim, args.clusters, 0, "cpu")
     for start in range(0, args.n, 262144):
         bank.set_features(np.arange(start, min(args.n, start + 262144)), feats[start:start + 262144])
@@ -226,7 +228,7 @@ def time_kmeans(args) -> dict:
 def time_shard(args) -> dict:
     """One shard's cost without Ray: its share of a step when the bank has `args.total_shards`."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shard = BankShard(0, 1, args.n, args.dim, args.clusters, dtype=args.dtype, device=device)
+    shard = BankShard(BankSpec(args.n, args.dim, num_clusters=args.clusters, dtype=args.dtype), 0, device=device)
     feats, centroids = random_bank(args.n, args.dim, args.clusters, 0, device)
     shard.feats = feats.to(shard.storage)
     partial = shard.set_clusters(centroids.cpu().numpy())

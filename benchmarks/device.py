@@ -114,7 +114,9 @@ def make_shard(device: torch.device, sizes: dict, dtype: str = "float32"):
     """A bank shard holding every row (one shard of the bank), random unit features, clustered by
     assigning them to `clusters` random rows as centroids."""
     from bank.shard import BankShard
-    shard = BankShard(0, 1, sizes["bank_rows"], sizes["dim"], sizes["clusters"], dtype=dtype, device=device.type)
+    from bank.spec import BankSpec
+    shard = BankShard(BankSpec(sizes["bank_rows"], sizes["dim"], num_clusters=sizes["clusters"], dtype=dtype), 0,
+                      device=device.type)
     g = torch.Generator().manual_seed(0)
     for start in range(0, sizes["bank_rows"], 262_144):
         ids = np.arange(start, min(sizes["bank_rows"], start + 262_144))

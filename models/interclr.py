@@ -13,7 +13,7 @@ Paper defaults (Sect. 5.1.2):
 Multi-crop (the base's `local_crops`, bases moco and byol): the local views enter the base's intra
 loss only; the inter branch's anchors and the bank's features come from the global views.
 `warmup_epochs`: epochs of intra only before the inter branch starts (clusters of a young encoder
-are noise). 10,000 clusters for ImageNet is the bank's setting (`MemoryBank.create(num_clusters=...)`).
+are noise). 10,000 clusters for ImageNet is the bank's setting (`BankSpec.num_clusters`).
 """
 from __future__ import annotations
 
@@ -154,10 +154,9 @@ class InterCLRConfig(MethodConfig):
         return self.base_config().uses_sync_bn()
 
     def checks(self, job) -> list[tuple[bool, str]]:
-        from bank.shard import STRATEGIES
+        # `strategy` is the bank's vocabulary (bank.shard.STRATEGIES): runtime.config.validate checks it
         return [
             (self.base in BASES, f"--base must be {', '.join(BASES[:-1])} or {BASES[-1]}, got {self.base!r}"),
-            (self.strategy in STRATEGIES, f"unknown method.strategy {self.strategy!r}"),
             (job.data.local_crops == 0 or self.base != "npid",
              f"data.local_crops={job.data.local_crops}: NPID-InterCLR has one view per sample and no place for "
              f"local views (multi-crop is MoCo-v2's, SimCLR's, BYOL's and their InterCLR forms')"),

@@ -177,7 +177,8 @@ def method_section(values: dict, where: str) -> MethodConfig:
     kept = {key: value for key, value in values.items() if not _is_old_default(cls, key, value)}
     unread = sorted(set(kept) - own)
     if unread:
-        raise ConfigError(f"{where}: method.{unread[0]} does not apply to {cls.name} (it is {_owners('method.' + unread[0])})")
+        key = f"method.{unread[0]}"
+        raise ConfigError(f"{where}: {key} does not apply to {cls.name} (it is {_owners(key)})")
     return cls(**{key: typed(f"method.{key}", value, cls) for key, value in kept.items()})
 
 
@@ -412,6 +413,7 @@ def resolve_optimizer(config: JobConfig) -> JobConfig:
 
 
 def validate(config: JobConfig) -> JobConfig:
+    from bank.shard import STRATEGIES
     from models.encoders import ENCODERS
     from runtime.step import PrecisionError, check_precision
     checks = [
@@ -443,6 +445,8 @@ def validate(config: JobConfig) -> JobConfig:
         (config.train.optimizer in (None, "sgd", "lars"),
          f"train.optimizer must be sgd or lars, got {config.train.optimizer!r}"),
         (config.train.log_every > 0, f"train.log_every must be positive, got {config.train.log_every}"),
+        (getattr(config.method, "strategy", STRATEGIES[0]) in STRATEGIES,  # a method that samples bank negatives
+         f"unknown method.strategy {getattr(config.method, 'strategy', None)!r} (choose from {', '.join(STRATEGIES)})"),
         *config.method.checks(config),
     ]
     for ok, message in checks:

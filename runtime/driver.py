@@ -153,7 +153,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from bank import MemoryBank
+    from bank import BankSpec, MemoryBank
     from pipeline.actors import create_loader_actors
     from runtime.build import build_method, training_recipe
     from runtime.preflight import check_data, check_resources, check_shared_storage
@@ -181,13 +181,12 @@ def run(config: JobConfig, address: str | None = None) -> dict:
         check_shared_storage(run_dir, nodes)  # the bank snapshots (run_dir/bank-i) are in the same folder
         gpus = reserve_gpus(config, nodes, len(requests))
         for i, request in enumerate(requests):
-            banks.append(MemoryBank.create(
-                num_samples, request.dim, num_shards=config.bank.shards,
-                num_clusters=config.bank.clusters if request.clusters else 1, momentum=request.momentum,
-                seed=config.train.seed, dtype=config.bank.dtype, snapshot_root=str(run_dir / f"bank-{i}"),
-                true_labels=labels if request.clusters else None, min_cluster=config.bank.min_cluster,
-                relabel=config.bank.labels == "online",
-                actor_options=bank_actor_options(config, nodes, gpus, i, len(requests))))
+            spec = BankSpec(num_samples, request.dim, num_shards=config.bank.shards,
+                            num_clusters=config.bank.clusters if request.clusters else 1, momentum=request.momentum,
+                            seed=config.train.seed, dtype=config.bank.dtype, snapshot_root=str(run_dir / f"bank-{i}"),
+                            min_cluster=config.bank.min_cluster, relabel=config.bank.labels == "online")
+            banks.append(MemoryBank.create(spec, true_labels=labels if request.clusters else None,
+                                           actor_options=bank_actor_options(config, nodes, gpus, i, len(requests))))
         for rank in range(config.train.num_workers if config.data.loaders else 0):
             loaders.append(create_loader_actors(  # one rank at a time: the finally kills every group made
                 config.data.root, training_recipe(probe, config), config.data.batch_size,

@@ -2,7 +2,8 @@
 
 loop_config (built by runtime.driver): "config" (the JobConfig itself, so a method registered
 outside models/ reaches the workers), "banks" (MemoryBank clients, driver-owned), "loaders" (per
-global rank, the handles of its loader actors; None = DALI in the worker), "num_samples", "num_classes", "run_dir". Each worker, top to bottom:
+global rank, the handles of its loader actors; None = DALI in the worker), "num_samples",
+"num_classes", "run_dir". Each worker, top to bottom:
   1. `setup_worker`: builds the method, attaches the banks, wraps it in DDP (gloo on CPU, nccl on
      GPU), the method's optimiser (SGD or LARS, runtime.optim) and `lr_schedule` (warm-up, cosine);
   2. `resume` from `ray.train.get_checkpoint()` (model, optimiser, schedule, step; rank 0 restores

@@ -103,7 +103,7 @@ def restore_torch_threads():
 @pytest.fixture(scope="session")
 def shard_pool(ray_cluster):
     """BankShard actors kept for the session's tests. A bank from `make_bank` takes free ones and has
-    each re-run `BankShard.__init__` with the arguments `MemoryBank.plan` gives its shard (the state
+    each re-run `BankShard.__init__` with its shard's arguments (the bank's spec, its index; the state
     a new actor starts in; torch's threads back to Ray's one) instead of a new process importing torch
     (1.5–2.4 s per shard, measured). Fresh banks (the killed-shard tests) and banks with their own actor
     options go through `MemoryBank.create`."""
@@ -142,19 +142,22 @@ def shard_pool(ray_cluster):
 
 @contextlib.contextmanager
 def pooled_banks(shard_pool):
-    """make(*MemoryBank.create's arguments): banks on pooled shard actors, given back on exit."""
+    """make(*BankSpec's fields, true_labels=, actor_options=): banks on pooled shard actors, given
+    back on exit."""
     take, give_back = shard_pool
     banks = []
 
-    def make(*args, fresh: bool = False, **kwargs):
+    def make(*args, fresh: bool = False, true_labels=None, actor_options=None, **kwargs):
         """fresh=True: new actors from `MemoryBank.create` (a killed one restarts from its creation
         arguments, which a pooled actor does not have)."""
-        from bank import MemoryBank
-        if fresh or "actor_options" in kwargs or "max_restarts" in kwargs:
-            bank = MemoryBank.create(*args, **kwargs)
+        from bank import BankSpec, MemoryBank
+        spec = BankSpec(*args, **kwargs)
+        if fresh or actor_options is not None or "max_restarts" in kwargs:
+            bank = MemoryBank.create(spec, true_labels, actor_options)
         else:
-            config, shard_args = MemoryBank.plan(*args, **kwargs)
-            bank = MemoryBank.connect([take(a) for a in shard_args], config)
+            spec.warn_if_upkeep_thrashes()
+            bank = MemoryBank.connect([take((spec, s, spec.shard_labels(true_labels, s)))
+                                       for s in range(spec.num_shards)], spec)
         banks.append(bank)
         return bank
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bank import BankStateError, MemoryBank
+from bank import BankSpec, BankStateError, MemoryBank
 from bank.kmeans import normalized_mutual_info
 from losses import info_nce, info_nce_from_logits
 
@@ -303,7 +303,7 @@ def test_min_cluster_zero_disables_upkeep(make_bank):
     move_members(bank, cluster=2, keep=0, target=4)
     assert bank.stats()["empty_clusters"] == 1
     with pytest.raises(ValueError, match="min_cluster"):
-        MemoryBank.create(10, 4, num_clusters=2, min_cluster=-1)
+        BankSpec(10, 4, num_clusters=2, min_cluster=-1)
 
 
 # --- sampling semantics ---------------------------------------------------------------------------
@@ -612,7 +612,7 @@ def test_semi_hard_refill_with_one_short_row_and_one_pool_larger_than_k():
     another's pool exceeds the largest share (found by the demo job: it indexed past k)."""
     import torch
     from bank.shard import BankShard
-    shard = BankShard(0, 1, 100, 4, 2, num_threads=1)
+    shard = BankShard(BankSpec(100, 4, num_clusters=2, threads_per_shard=1), 0)
     shard.labels = torch.tensor([0] * 95 + [1] * 5)
     sims = torch.rand(2, 100)
     labels = torch.tensor([1, 0])  # query 0: 95 allowed rows; query 1: 5 allowed rows
@@ -631,7 +631,7 @@ def test_semi_hard_draws_are_uniform_over_the_exact_pool_and_without_replacement
     from scipy.stats import chisquare
 
     from bank.shard import BankShard
-    shard = BankShard(0, 1, 1000, 4, 2, num_threads=1)
+    shard = BankShard(BankSpec(1000, 4, num_clusters=2, threads_per_shard=1), 0)
     shard.labels = torch.tensor([0] * 100 + [1] * 900)
     sims = torch.rand(1, 1000, generator=torch.Generator().manual_seed(1)).expand(400, 1000).contiguous()
     labels, anchors = torch.zeros(400, dtype=torch.int64), torch.zeros(400, dtype=torch.int64)
@@ -710,3 +710,20 @@ def test_upkeep_due_after_an_asynchronous_update_runs_before_the_next_query_read
     assert bank.stats()["upkeep_dissolved"] >= 1 and np.bincount(after, minlength=6).min() >= 20
     for i in range(4):  # negatives drawn with the labels after upkeep: none shares the anchor's label
         assert (after[answer.inter_negative_ids[i]] != after[i]).all()
+
+
+def test_a_shard_call_names_a_bankshard_method_not_a_string():
+    from bank.shard import BankShard, Call
+    assert Call(1, BankShard.get, (np.arange(3),)).method.__name__ == "get"
+    for wrong in ("get", len, MemoryBank.get):
+        with pytest.raises(TypeError, match="BankShard method"):
+            Call(0, wrong)
+
+
+def test_a_bank_json_without_the_newer_fields_reads_with_their_defaults():
+    """bank.json of a snapshot written before upkeep and offline labels existed."""
+    old = {"num_samples": 100, "dim": 8, "num_shards": 2, "num_clusters": 4, "momentum": 1.0, "seed": 3,
+           "dtype": "float16", "snapshot_root": None}
+    assert BankSpec.from_json(old) == BankSpec(100, 8, num_shards=2, num_clusters=4, momentum=1.0, seed=3,
+                                               dtype="float16", min_cluster=20, relabel=True)
+    assert BankSpec.from_json(BankSpec(50, 4, num_clusters=5, relabel=False).to_json()).relabel is False

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bank.shard import BankShard
+from bank.spec import BankSpec
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -18,7 +19,7 @@ def shard():
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(6, 16))
     x = centers[rng.integers(0, 6, 3000)] + 0.5 * rng.normal(size=(3000, 16))
-    shard = BankShard(0, 1, 3000, 16, 6, device="cuda")
+    shard = BankShard(BankSpec(3000, 16, num_clusters=6), 0, device="cuda")
     shard.set_features(np.arange(3000), x)
     partial = shard.set_clusters(shard.get(np.arange(0, 3000, 500)))
     shard.set_replicas(partial["sums"], partial["counts"][None], shard.get(np.arange(0, 3000, 500)))
@@ -73,7 +74,7 @@ def test_gpu_update_follows_eq2_and_eq3(shard):
 def test_half_precision_shard_scores_from_its_stored_values(dtype):
     """fp16 / bf16 storage on CUDA: similarities by torch.mm(..., out_dtype=float32) over the stored
     values, no float32 copy of the shard; within the query's rounding of the widened product."""
-    half = BankShard(0, 1, 3000, 16, 6, dtype=dtype, device="cuda")
+    half = BankShard(BankSpec(3000, 16, num_clusters=6, dtype=dtype), 0, device="cuda")
     half.set_features(np.arange(3000), np.random.default_rng(1).normal(size=(3000, 16)))
     q = torch.nn.functional.normalize(torch.randn(7, 16, device="cuda"), dim=1)
     sims = half._similarity_fn()(q)

@@ -237,7 +237,7 @@ def by_hand(overrides: dict) -> dict:
     config = JobConfig(method=METHODS[name]()).to_dict()
     for dotted, value in {**PRESETS["demo"], **overrides}.items():
         section, _, key = dotted.rpartition(".")
-        if section != "method" or key in config["method"]:  # the preset's InterCLR keys have no place in another method's
+        if section != "method" or key in config["method"]:  # the preset's InterCLR keys: not another method's
             (config[section] if section else config)[key] = value
     return resolve_optimizer(JobConfig.from_dict(config)).to_dict()
 

@@ -200,6 +200,7 @@ CORE_STEP = """
 import numpy as np, torch
 import bank.autograd, bank.kmeans, losses, models, runtime.optim, runtime.step
 from bank.shard import BankShard
+from bank.spec import BankSpec
 from models import MoCo, resnet
 from runtime.step import Precision, train_step
 torch.manual_seed(0)
@@ -209,7 +210,7 @@ schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 views = [torch.randn(8, 3, 16, 16) for _ in range(2)]
 out = train_step(method, method, optimizer, schedule, Precision.create("bf16-mixed", torch.device("cpu")),
                  {"views": views, "index": torch.arange(8), "label": torch.zeros(8, dtype=torch.long)}, 0.0, 0)
-shard = BankShard(0, 1, 40, 8, 4)
+shard = BankShard(BankSpec(40, 8, num_clusters=4), 0)
 shard.set_features(np.arange(40), torch.nn.functional.normalize(torch.randn(40, 8), dim=1).numpy())
 shard.update(np.arange(8), torch.nn.functional.normalize(torch.randn(8, 8), dim=1).numpy(), 0.5, relabel=False)
 labels = bank.kmeans.nearest_centroid(torch.randn(40, 8), torch.randn(4, 8))

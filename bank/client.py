@@ -43,6 +43,10 @@ from bank.upkeep import run_upkeep
 log = logging.getLogger("viewbank.bank")
 
 
+class BankShardLostError(BankStateError):
+    """A shard died or restarted and this client does not restore in place (`restore_on_failure`)."""
+
+
 @dataclass
 class BankAnswer:
     """What `MemoryBank.query` returns; a branch not asked for stays None."""
@@ -73,6 +77,10 @@ class MemoryBank:
         # cue), collected by the next blocking call in the same ray.get
         self._pending: list = []
         self.in_upkeep = False
+        # a shard lost: restore every shard from the last snapshot and retry (True), or raise
+        # BankShardLostError (a Train worker: its group restarts from the checkpoint naming a snapshot)
+        self.restore_on_failure = True
+        self.recoveries = 0  # shard losses this client restored from
         self.upkeep = {"dissolved": 0, "refilled": 0, "random_splits": 0, "round_trips": 0, "runs": 0}  # this client's
 
     # --- construction ----------------------------------------------------------------------------
@@ -163,6 +171,10 @@ class MemoryBank:
             except (ray.exceptions.RayActorError, ShardRestartedError) as exc:
                 if attempt == 1:
                     raise
+                if not self.restore_on_failure:
+                    raise BankShardLostError(f"a bank shard failed ({str(exc).splitlines()[0]}); restart from the "
+                                             "last checkpoint, which names its bank snapshot") from None
+                self.recoveries += 1
                 log.warning("bank shard failure (%s); restoring all shards from the last snapshot",
                             str(exc).splitlines()[0])
                 self._recover()
@@ -185,16 +197,19 @@ class MemoryBank:
         if self._pending:
             self.call([])
 
-    def _recover(self) -> None:
-        deadline = time.monotonic() + 120
+    def _wait_alive(self, timeout: float = 120) -> None:
+        """Until every shard answers (a restarting one comes back within Ray's restart)."""
+        deadline = time.monotonic() + timeout
         while True:
             try:
                 ray.get([s.ping.remote() for s in self.shards], timeout=30)
-                break
+                return
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+
+    def _recover(self) -> None:
         root = self.spec.snapshot_root
         pointer = Path(root) / "LATEST" if root else None
         if pointer is None or not pointer.exists():
@@ -211,6 +226,7 @@ class MemoryBank:
             raise BankStateError(f"snapshot {directory} holds {meta['num_samples']}×{meta['dim']} on "
                                  f"{meta['num_shards']} shards; this bank is {self.num_samples}×{self.dim} on "
                                  f"{self.num_shards}")
+        self._wait_alive()  # e.g. a Train worker group resuming after a shard was killed
         partials = ray.get([s.restore.remote(directory) for s in self.shards])
         centroids = torch.load(Path(directory) / "shard-0000.pt")["centroids"].numpy()
         self.broadcast_replicas(partials, centroids)

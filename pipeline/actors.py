@@ -145,8 +145,12 @@ class ActorLoader:
                 self._undecodable.update(ray.get(actor.undecodable.remote(), timeout=60))
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 pass  # a loader lost since: the others' findings still travel
-        self._lengths = ray.get([a.start_epoch.remote(epoch, skip=s, undecodable=self._undecodable)
-                                 for a, s in zip(self.actors, skips)])
+        try:
+            self._lengths = ray.get([a.start_epoch.remote(epoch, skip=s, undecodable=self._undecodable)
+                                     for a, s in zip(self.actors, skips)])
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            # a loader lost before the epoch (or still restarting): open each once it answers
+            self._lengths = [self._open(i, epoch, s) for i, s in enumerate(skips)]
         delivered = list(skips)  # counted from the epoch's start: a restarted loader replays to here
         in_flight = [deque() for _ in self.actors]
         issued = list(skips)
@@ -188,13 +192,16 @@ class ActorLoader:
         return {k: v for found in ray.get([a.skipped.remote() for a in self.actors]) for k, v in found.items()}
 
     def _restart(self, i: int, epoch: int, delivered: int) -> None:
+        self._open(i, epoch, delivered)
+        self.replayed += delivered
+
+    def _open(self, i: int, epoch: int, skip: int) -> int:
+        """Loader i's `start_epoch(epoch, skip)` (its batch count), retried while it restarts."""
         deadline = time.monotonic() + self.restart_timeout
         while True:
             try:
-                ray.get(self.actors[i].start_epoch.remote(epoch, skip=delivered, undecodable=self._undecodable),
-                        timeout=60)
-                self.replayed += delivered
-                return
+                return ray.get(self.actors[i].start_epoch.remote(epoch, skip=skip, undecodable=self._undecodable),
+                               timeout=60)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 if time.monotonic() > deadline:
                     raise

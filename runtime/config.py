@@ -99,6 +99,7 @@ class TrainConfig:
     # where it has bfloat16, else 16-mixed
     precision: str | None = None
     log_every: int = 10  # steps per metrics.jsonl flush: losses stay on the device in between (no host sync)
+    log_ids: bool = False  # each rank logs the sample ids of every step it trains (run_dir/ids/; benchmarks/chaos.py)
 
 
 @dataclass

@@ -213,6 +213,11 @@ def setup_worker(loop_config: dict) -> Worker:
     schedule, this rank's batches, and the step counts."""
     config = loop_config["config"]
     banks = loop_config["banks"]
+    for bank in banks:
+        # a lost bank shard fails this worker: the group restarts from the last checkpoint and its bank
+        # snapshot, so the model and the bank stay each other's (restored in place, the bank would lose
+        # the updates since the snapshot while the model kept them)
+        bank.restore_on_failure = False
     # Ray Train logs two INFO lines per checkpoint ("Checkpoint successfully created", "Reporting
     # training result"): the job's own progress line says it once per interval. The second comes
     # from a logger named by its file's path, outside the "ray.train" hierarchy.
@@ -289,6 +294,10 @@ def train(worker: Worker, step: int) -> int:
     step the model is at (the last checkpoint's)."""
     w, config = worker, worker.config
     logger = MetricsLogger(w.run_dir, w.rank, config) if w.rank == 0 else None
+    ids_log = None
+    if config.train.log_ids:  # appended to: a restarted group re-logs the steps after its checkpoint
+        (w.run_dir / "ids").mkdir(parents=True, exist_ok=True)
+        ids_log = open(w.run_dir / "ids" / f"rank-{w.rank}.jsonl", "a")
     started = time.perf_counter()
     window = {"start": time.perf_counter(), "images": 0, "wait": w.batches.wait_seconds + _bank_wait(w.banks)}
     while step < w.last_step:
@@ -300,6 +309,10 @@ def train(worker: Worker, step: int) -> int:
             result = train_step(w.method, w.model, w.optimizer, w.schedule, w.precision,
                                 to_device(batch, w.device, config.model.channels_last), step / w.total_steps, epoch)
             step += 1
+            if ids_log is not None:
+                ids_log.write(json.dumps({"step": step, "epoch": epoch, "time": time.time(),
+                                          "ids": batch["index"].tolist()}) + "\n")
+                ids_log.flush()
             window["images"] += len(batch["index"]) * w.world
             if logger is not None:
                 logger.step(step, epoch, lr, result, window, w.batches, w.banks, w.last_step, started)
@@ -311,6 +324,8 @@ def train(worker: Worker, step: int) -> int:
                 break
     if logger is not None:
         logger.close()
+    if ids_log is not None:
+        ids_log.close()
     return step
 
 

@@ -483,6 +483,35 @@ def kill_and_wait_for_restart(ray, shard):
     raise AssertionError("the killed shard did not restart")
 
 
+def saved_then_more_work(make_bank, tmp_path, seed: int):
+    """A fresh 2-shard bank: an update, a snapshot, another update (lost by a restore to the snapshot).
+    Returns (bank, the snapshot's directory, the features it holds)."""
+    bank, _, _ = clustered_bank(make_bank, shards=2, snapshot_root=str(tmp_path), fresh=True)
+    rng = np.random.default_rng(seed)
+    bank.update(np.arange(50), rng.normal(size=(50, 8)))
+    snapshot = bank.save()
+    saved = bank.get(np.arange(600)).numpy()
+    bank.update(np.arange(50, 100), rng.normal(size=(50, 8)))
+    return bank, snapshot, saved
+
+
+def test_a_train_workers_client_raises_on_a_lost_shard_and_restore_then_brings_the_snapshot_back(
+        make_bank, tmp_path, ray_cluster):
+    """A Train worker's client (`restore_on_failure=False`, runtime/train.py) does not restore in place:
+    it raises, Ray Train restarts the group from its checkpoint and rank 0 restores the snapshot the
+    checkpoint names; the model and the bank stay each other's."""
+    from bank.client import BankShardLostError
+    bank, snapshot, saved = saved_then_more_work(make_bank, tmp_path, 9)
+    bank.restore_on_failure = False
+    kill_and_wait_for_restart(ray_cluster, bank.shards[0])
+    with pytest.raises(BankShardLostError, match="restart from the last checkpoint"):
+        bank.get(np.arange(600))
+    assert bank.recoveries == 0
+    bank.restore(snapshot)  # what runtime.train.resume does on rank 0
+    np.testing.assert_allclose(bank.get(np.arange(600)).numpy(), saved, atol=1e-7)
+    assert bank.stats()["step"] == 1
+
+
 def test_killed_shard_restores_from_the_last_snapshot(make_bank, tmp_path, ray_cluster):
     bank, _, _ = clustered_bank(make_bank, shards=2, snapshot_root=str(tmp_path), fresh=True)
     rng = np.random.default_rng(9)
@@ -505,12 +534,7 @@ def test_a_shard_lost_while_a_snapshot_is_written_leaves_the_previous_one_whole(
     is an error (the Train step that checkpoints fails, and Ray Train resumes from the checkpoint that
     names step 1), not retried: a retry after the restore would write the step-1 state under step 2's
     name. LATEST still names step 1, every shard holds it, and the half directory is no snapshot."""
-    bank, _, _ = clustered_bank(make_bank, shards=2, snapshot_root=str(tmp_path), fresh=True)
-    rng = np.random.default_rng(11)
-    bank.update(np.arange(50), rng.normal(size=(50, 8)))
-    first = bank.save()
-    saved = bank.get(np.arange(600)).numpy()
-    bank.update(np.arange(50, 100), rng.normal(size=(50, 8)))
+    bank, first, saved = saved_then_more_work(make_bank, tmp_path, 11)
     stats = bank.stats
 
     def stats_then_lose_shard_1():  # save() names the snapshot by the step, then writes it

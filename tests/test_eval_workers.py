@@ -95,7 +95,7 @@ def job(shards, tmp_path_factory, ray_cluster):
     """One `runtime.driver.run` of SimCLR on 2 gloo workers (2 steps, then the workers' evaluation),
     with the driver's `evaluate` watched by `NoModelRuns` (t-SNE's input recorded, not fitted: 18 s)."""
     storage = tmp_path_factory.mktemp("runs")
-    config = job_config(shards, storage, "simclr", "train.num_workers=2", "train.max_steps=2")
+    config = job_config(shards, storage, "simclr", "train.num_workers=2", "train.max_steps=2", "train.log_ids=true")
     watched = {}
     with pytest.MonkeyPatch.context() as monkeypatch:
         evaluate = driver.evaluate
@@ -142,6 +142,19 @@ def test_knn_on_two_workers_equals_the_driver_side_path_for_the_same_checkpoint(
     assert summary["knn_top1"] == pytest.approx(expected["knn_top1"], abs=0.001)
     assert summary["knn_top1_random_init"] == pytest.approx(expected["knn_top1_random_init"], abs=0.001)
     assert summary["knn_top1"] != summary["knn_top1_random_init"]  # two models, not one twice
+
+
+@needs_fashion_mnist
+def test_each_rank_logs_the_ids_of_each_step_it_trained_and_the_ranks_share_none(job):
+    """`train.log_ids` (benchmarks/chaos.py's accounting): one line per step and rank, the batch's ids."""
+    config, _, run_dir, _ = job
+    logs = {path.name: [json.loads(line) for line in path.read_text().splitlines()]
+            for path in sorted((run_dir / "ids").glob("rank-*.jsonl"))}
+    assert sorted(logs) == ["rank-0.jsonl", "rank-1.jsonl"]
+    assert all([entry["step"] for entry in entries] == [1, 2] for entries in logs.values())
+    ids = [i for entries in logs.values() for entry in entries for i in entry["ids"]]
+    assert len(ids) == 2 * 2 * config.data.batch_size == len(set(ids))  # 2 ranks × 2 steps, no id twice
+    assert 0 <= min(ids) and max(ids) < TRAIN
 
 
 @needs_fashion_mnist

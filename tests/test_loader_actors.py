@@ -175,3 +175,13 @@ def test_rgb_views_cross_the_object_store_as_uint8_and_match_the_in_process_load
     lab = LoaderActor(str(shards), Recipe("lab", (ViewSpec(32),), colorspace="lab"), 8, 0, 1, seed=0)
     lab.start_epoch(0)
     assert lab.next_batch()["views"][0].dtype == np.float32  # colour-space views stay float
+
+
+def test_a_loader_killed_between_epochs_is_waited_for_when_the_next_epoch_opens(ray_cluster, two_loaders):
+    """Found by benchmarks/chaos.py: a loader killed just before an epoch boundary was still
+    restarting when the trainer opened the next epoch, and that first call failed the Train worker.
+    The epoch now opens each loader once it answers; every sample still comes exactly once."""
+    loader = ActorLoader(two_loaders, prefetch=1)
+    assert sorted(i for b in loader.epoch(0) for i in b["index"].tolist()) == list(range(50))
+    ray_cluster.kill(two_loaders[1], no_restart=False)  # not waited for: the epoch below meets it restarting
+    assert sorted(i for b in loader.epoch(1) for i in b["index"].tolist()) == list(range(50))

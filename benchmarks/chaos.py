@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,8 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     mark = f"VIEWBANK_CHAOS={secrets.token_hex(8)}"
     os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                        mark.split("=")[0]: mark.split("=")[1], "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "0"})
-    import shutil
-
     import ray
     from ray.cluster_utils import Cluster
     for name in ("fault-free", "fault-free-2", "chaos"):

@@ -168,12 +168,20 @@ def _old_filler(cls: type[MethodConfig], dotted: str, value) -> bool:
     return section == "method" and (not applies(dotted, cls) or _is_old_default(cls, key, value))
 
 
+def _method_class(name: str) -> type[MethodConfig]:
+    """The registered config class of method `name`; ConfigError with the choices."""
+    try:
+        return method_config(name)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+
+
 def method_section(values: dict, where: str) -> MethodConfig:
     """The method config of a `method:` mapping (`name` picks the class)."""
     try:
-        cls = method_config(values.get("name", "interclr"))
-    except KeyError as exc:
-        raise ConfigError(f"{where}: {exc.args[0]}") from None
+        cls = _method_class(values.get("name", "interclr"))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     own = {f.name for f in dataclasses.fields(cls)}
     kept = {key: value for key, value in values.items() if not _is_old_default(cls, key, value)}
     unread = sorted(set(kept) - own)
@@ -329,10 +337,7 @@ def apply_overrides(config: JobConfig, overrides: dict) -> JobConfig:
     if "method.name" in overrides:
         name = typed("method.name", overrides["method.name"])
         if name != config.method.name:
-            try:
-                config.method = method_config(name)()
-            except KeyError as exc:
-                raise ConfigError(exc.args[0]) from None
+            config.method = _method_class(name)()
     for dotted, value in overrides.items():
         section, _, key = dotted.rpartition(".")
         value = typed(dotted, value, type(config.method))
@@ -365,10 +370,8 @@ def read_config_file(path: str | Path, method: str = "interclr") -> dict:
             raise ConfigError(f"{path}: {section}: must be a mapping of keys, got {tree[section]!r}")
     flat = _flatten(tree)
     try:
-        cls = method_config(typed("method.name", flat.get("method.name", method)))
+        cls = _method_class(typed("method.name", flat.get("method.name", method)))
         return {key: value if _old_filler(cls, key, value) else typed(key, value, cls) for key, value in flat.items()}
-    except KeyError as exc:
-        raise ConfigError(f"{path}: {exc.args[0]}") from None
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -393,13 +396,6 @@ def preset_overrides(preset: str, method: str) -> dict:
     overrides["method.name"] = method
     overrides["name"] = overrides["name"].replace("interclr", method)
     return overrides
-
-
-def _method_class(name: str) -> type[MethodConfig]:
-    try:
-        return method_config(name)
-    except KeyError as exc:
-        raise ConfigError(exc.args[0]) from None
 
 
 def resolve_optimizer(config: JobConfig) -> JobConfig:

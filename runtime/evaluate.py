@@ -166,7 +166,7 @@ def evaluate_on_workers(method, config, rank: int, world: int, device: torch.dev
         # existing pipeline"), so val images go in as the baseline's do: one centre view each, never
         # concatenated (the ResNet pools globally: the weights trained on nW-wide rows take W-wide images)
         rows = []
-        top1 = classifier_top1(method, _counting(_eval_loader(config, space, rank, world, d.val_split), rows), device)
+        top1 = classifier_top1(method, _counting(centre_view_loader(config, space, rank, world, d.val_split), rows), device)
         counts = _to_rank0((top1 * sum(rows), sum(rows)), rank, world)
         if rank == 0:
             results["val_top1"] = sum(c for c, _ in counts) / sum(n for _, n in counts)
@@ -180,7 +180,7 @@ def evaluate_on_workers(method, config, rank: int, world: int, device: torch.dev
     return results
 
 
-def _eval_loader(config, space: str | None, rank: int, world: int, split: str):
+def centre_view_loader(config, space: str | None, rank: int, world: int, split: str):
     """This rank's share of `split` in centre views, unshuffled, the short last batch unpadded."""
     d = config.data
     return build_loader(d.root, center(d.image_size, space), 256, device=d.device, rank=rank, world_size=world,
@@ -199,7 +199,7 @@ def knn_on_workers(backbone: torch.nn.Module, config, space: str | None, rank: i
     d, e = config.data, config.eval
 
     def features(split: str):
-        batches = _eval_loader(config, space, rank, world, split)
+        batches = centre_view_loader(config, space, rank, world, split)
         share = None if split != d.train_split else \
             memory_share(shard_list(d.root, split)[2], memory_limit, rank, world)
         total = batches.samples if share is None else min(share, batches.samples)

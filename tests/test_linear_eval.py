@@ -1,6 +1,8 @@
 """jobs/linear_eval.py on run folders written as runtime.train.report() writes them (small ResNet-18,
 500 Fashion-MNIST images): the checkpoint of the highest step, the manifest's classes, strict loading
-with one-line errors, and the standard protocol (frozen backbone, augmented train views, centre-crop val)."""
+with one-line errors, the standard protocol (frozen backbone, augmented train views, centre-crop val),
+and both protocols on two Ray Train workers: every id once, the DDP head equal to one SGD on the
+union of the ranks' batches, val top-1 what the saved head predicts."""
 from __future__ import annotations
 
 import json
@@ -8,13 +10,15 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from jobs import linear_eval
-from runtime import runs
+from runtime import linear_probe, runs
 from pipeline.convert import convert
 from pipeline.manifest import Manifest
 from runtime.build import build_method
 from runtime.config import parse_args
+from runtime.evaluate import extract_features
 from tests import datasets
 
 SMALL = ["--set", "model.encoder=resnet18", "--set", "model.width=0.25"]
@@ -91,22 +95,22 @@ def test_checkpoint_that_does_not_fit_its_config_is_a_one_line_error(tmp_path, s
 
 def test_supervised_run_loads_strictly_with_the_manifests_ten_classes(tmp_path, shards):
     config = run_config("supervised", shards)
-    run = write_run(tmp_path, config, build_method(config, num_classes=10), step=4)
-    assert linear_eval.main([str(run), "--epochs", "1", "--device", "cpu"]) == 0
-    result = json.loads((run / "linear_eval.json").read_text())
-    assert result["num_classes"] == len(Manifest(shards, "train").classes) == 10
-    assert result["step"] == 4 and 0.0 <= result["linear_top1"] <= 1.0
+    trained = build_method(config, num_classes=10)
+    run = write_run(tmp_path, config, trained, step=4)
+    _, _, state, classes, method = runs.load_run(run)
+    assert classes == len(Manifest(shards, "train").classes) == 10 and state["step"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(method.state_dict().values(), trained.state_dict().values()))
 
 
 def test_standard_protocol_trains_the_head_only_on_a_frozen_backbone(shards):
     config = run_config("moco", shards)
     backbone = build_method(config).backbone
     before = {k: v.clone() for k, v in backbone.state_dict().items()}  # BN running statistics included
-    loaders = linear_eval.standard_loaders(shards, "train", "val", 28, None, batch_size=128)
+    loaders = linear_probe.standard_loaders(shards, "train", "val", 28, None, batch_size=128)
     torch.manual_seed(0)
-    initial = linear_eval.linear_head(backbone.dim, 10).weight.detach().clone()
+    initial = linear_probe.linear_head(backbone.dim, 10).weight.detach().clone()
     torch.manual_seed(0)
-    head, top1 = linear_eval.standard_linear_eval(backbone, loaders, 10, epochs=1, log=lambda m: None)
+    head, top1, _ = linear_probe.standard_linear_eval(backbone, loaders, 10, epochs=1, log=lambda m: None)
     after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(not p.requires_grad for p in backbone.parameters())
@@ -119,7 +123,7 @@ def views_by_index(loader) -> dict[int, torch.Tensor]:
 
 
 def test_standard_protocol_augments_train_views_afresh_each_epoch_and_not_val_views(shards):
-    train, val = linear_eval.standard_loaders(shards, "train", "val", 28, None, batch_size=100, num_threads=1)
+    train, val = linear_probe.standard_loaders(shards, "train", "val", 28, None, batch_size=100, num_threads=1)
     first, second = views_by_index(train), views_by_index(train)
     assert len(first) == 500 and first.keys() == second.keys()
     assert all(not torch.equal(first[i], second[i]) for i in first)
@@ -127,17 +131,76 @@ def test_standard_protocol_augments_train_views_afresh_each_epoch_and_not_val_vi
     assert len(first) == 200 and all(torch.equal(first[i], second[i]) for i in first)
 
 
-def test_standard_result_is_written_beside_the_fast_probes_with_its_settings(tmp_path, shards, capsys):
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(tmp_path_factory, shards, ray_cluster):
+    """A MoCo run folder evaluated by both protocols in one job on two Ray Train workers, over a
+    linear_eval.json that holds an earlier result."""
     config = run_config("moco", shards, "--set", "method.queue_size=256")
-    run = write_run(tmp_path, config, build_method(config), step=6)
-    assert linear_eval.main([str(run), "--epochs", "1", "--device", "cpu"]) == 0
-    assert linear_eval.main([str(run), "--protocol", "standard", "--epochs", "1", "--device", "cpu",
-                             "--loader-threads", "1"]) == 0
-    assert "linear eval (standard): epoch 1/1 lr 30 loss" in capsys.readouterr().out
+    run = write_run(tmp_path_factory.mktemp("two_workers"), config, build_method(config), step=6)
+    (run / "linear_eval.json").write_text(json.dumps({"earlier": 0.5}))
+    assert linear_eval.main([str(run), "--protocol", "both", "--epochs", str(EPOCHS), "--device", "cpu",
+                             "--workers", "2", "--loader-threads", "1", "--batch-size", "256"]) == 0
+    return run, config
+
+
+def saved_head(run, protocol, dim):
+    head = linear_probe.linear_head(dim, 10)
+    head.load_state_dict(torch.load(run / f"linear_head_{protocol}.pt"))
+    return head
+
+
+def top1_of(head, feats, labels):
+    with torch.no_grad():
+        return float((head(torch.from_numpy(feats)).argmax(1) == torch.from_numpy(labels).long()).float().mean())
+
+
+def test_fast_probe_on_two_workers_reads_every_id_once_and_is_one_sgd_on_the_union_of_their_batches(two_worker_run):
+    run, config = two_worker_run
     result = json.loads((run / "linear_eval.json").read_text())
-    assert {"linear_top1", "linear_top1_standard"} <= result.keys()
+    assert {k: result["fast"][k] for k in ("workers", "train_samples", "val_samples", "batch_size")} == {
+        "workers": 2, "train_samples": 500, "val_samples": 200, "batch_size": 256}
+    # the same SGD in one process: rank r holds the r-th half of the split in reader order and draws
+    # its order from a generator seeded by r; DDP averages the two ranks' mean-loss gradients
+    _, _, _, _, method = runs.load_run(run)
+    feats, labels, _ = extract_features(method.backbone, config.data.root, "train", 28)
+    shares = [(torch.from_numpy(feats[a:b]), torch.from_numpy(labels[a:b]).long()) for a, b in ((0, 250), (250, 500))]
+    torch.manual_seed(config.train.seed)
+    head = torch.nn.Linear(feats.shape[1], 10)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, EPOCHS)
+    generators = [torch.Generator().manual_seed(rank) for rank in range(2)]
+    for _ in range(EPOCHS):
+        orders = [torch.randperm(250, generator=g).split(128) for g in generators]
+        for batches in zip(*orders):
+            loss = sum(F.cross_entropy(head(x[b]), y[b]) for (x, y), b in zip(shares, batches)) / 2
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+    trained = saved_head(run, "fast", feats.shape[1])
+    assert torch.allclose(trained.weight, head.weight, atol=1e-4) and torch.allclose(trained.bias, head.bias, atol=1e-4)
+    val_feats, val_labels, _ = extract_features(method.backbone, config.data.root, "val", 28)
+    assert abs(top1_of(trained, val_feats, val_labels) - result["linear_top1"]) <= 1 / 200  # a near tie at most
+
+
+def test_standard_protocol_on_two_workers_lands_beside_the_other_results_with_its_settings(two_worker_run):
+    run, config = two_worker_run
+    result = json.loads((run / "linear_eval.json").read_text())
+    assert {"earlier", "linear_top1", "linear_top1_standard"} <= result.keys() and result["earlier"] == 0.5
     settings = result["standard"]
     assert {k: settings[k] for k in ("step", "num_classes", "epochs", "lr", "momentum", "weight_decay",
-                                     "batch_size", "schedule", "head_batch_norm")} == {
-        "step": 6, "num_classes": 10, "epochs": 1, "lr": 30.0, "momentum": 0.9, "weight_decay": 0.0,
-        "batch_size": 256, "schedule": "cosine", "head_batch_norm": False}
+                                     "batch_size", "schedule", "head_batch_norm", "workers",
+                                     "train_samples_per_epoch", "val_samples")} == {
+        "step": 6, "num_classes": 10, "epochs": EPOCHS, "lr": 30.0, "momentum": 0.9, "weight_decay": 0.0,
+        "batch_size": 256, "schedule": "cosine", "head_batch_norm": False, "workers": 2,
+        "train_samples_per_epoch": 500, "val_samples": 200}  # 2 ranks x (128 + 122) rows
+    _, _, _, _, method = runs.load_run(run)
+    torch.manual_seed(config.train.seed)
+    initial = linear_probe.linear_head(method.backbone.dim, 10)
+    trained = saved_head(run, "standard", method.backbone.dim)
+    assert not torch.equal(trained.weight, initial.weight)
+    val_feats, val_labels, _ = extract_features(method.backbone, config.data.root, "val", 28, normalize=False)
+    assert abs(top1_of(trained, val_feats, val_labels) - result["linear_top1_standard"]) <= 1 / 200

@@ -1,15 +1,18 @@
 """Faults under load: the InterCLR-MoCo job on Fashion-MNIST with a seeded killer that SIGKILLs a
-loader actor, a bank shard or a Train worker again and again, then the accounting of what the run
-trained, against a fault-free run of the same config and seed.
+loader actor, a bank shard or a Train worker, or stops the whole job (`ray job stop`, then the same
+run name submitted again), again and again; then the accounting of what the run trained, against a
+fault-free run of the same config and seed.
 
-    python benchmarks/chaos.py            # ≈ 12 min: 9 kills (each kind 3 times); benchmarks/results/chaos.json
-    python benchmarks/chaos.py --quick    # ≈ 5 min: 3 kills (each kind once); prints the JSON only
+    python benchmarks/chaos.py            # ≈ 12 min: 11 faults (3 of each kill, 2 job stops); benchmarks/results/chaos.json
+    python benchmarks/chaos.py --quick    # ≈ 6 min: 4 faults (each kind once); prints the JSON only
 
-Both runs are the real job (`jobs/interclr_imagenet.py --address`, a driver process of its own) on a
-Ray head this script starts (`ray.cluster_utils.Cluster`, token authentication) and stops: 2 Train
-workers (DDP over gloo), a loader actor each, 2 bank shards, `train.log_ids` on. The killer reads the
-cluster's actor table and SIGKILLs by pid, one kill after each new checkpoint (plus a seeded delay),
-so every restart has progress to resume from.
+Every run is the real job submitted as a user submits it (`ray job submit` of
+`jobs/interclr_imagenet.py`, through the Ray Jobs API) to a Ray head this script starts
+(`ray.cluster_utils.Cluster` with its dashboard's job server, token authentication) and stops: 2
+Train workers (DDP over gloo), a loader actor each, 2 bank shards, `train.log_ids` on. The killer
+reads the cluster's actor table and SIGKILLs by pid, or stops the job and waits for it to end; the
+run's submissions continue until one ends on its own. One fault after each new checkpoint (plus a
+seeded delay), so every restart has progress to resume from.
 
 What must hold (exit status 1 otherwise, the failures named in the JSON): the run finishes; in every
 epoch of the final model's history (per rank, the last try of each step: a step rolled back by a
@@ -42,7 +45,7 @@ JOB = REPO / "jobs" / "interclr_imagenet.py"
 DATA = REPO / "data" / "chaos"  # fashion-mnist-<train images>: gitignored
 RUNS = REPO / "runs" / "chaos"
 OUT = REPO / "benchmarks" / "results" / "chaos.json"
-KINDS = {"loader": "LoaderActor", "bank": "BankShard", "worker": "RayTrainWorker"}
+KINDS = {"loader": "LoaderActor", "bank": "BankShard", "worker": "RayTrainWorker", "job": None}  # None: ray job stop
 WORKERS, BATCH = 2, 64
 # kNN on 1,000 val images: s.e. of a top-1 near 0.75 is √(0.75·0.25/1000) ≈ 0.014; two runs differ by
 # up to ≈ 2.8 s.e. of their difference (√2 · 0.014 · 2) ≈ 0.04 by chance
@@ -51,9 +54,9 @@ BANK_NOTE = ("the runs are not bitwise repeatable: the two Train workers' asynch
              "the shards in arrival order, and each client draws its negatives from its own stream, which a "
              "restart reseeds; fault_free_vs_fault_free (the full run) is the same config and seed twice "
              "without faults, the bound the chaos run's difference is read against")
-PLANS = {  # train images, epochs, kills per kind
-    "full": {"train": 6000, "epochs": 6, "kills": 3},
-    "quick": {"train": 3000, "epochs": 6, "kills": 1},
+PLANS = {  # train images, epochs, kills per actor kind, job stops
+    "full": {"train": 6000, "epochs": 6, "kills": 3, "job_stops": 2},
+    "quick": {"train": 3000, "epochs": 6, "kills": 1, "job_stops": 1},
 }
 
 
@@ -84,12 +87,13 @@ def prepare_data(plan: dict) -> Path:
 
 
 class Killer(threading.Thread):
-    """SIGKILLs one actor of each kind in `schedule`, in order: each after the run has written a
-    checkpoint newer than the last kill's, plus a seeded 0-8 s. Records (kind, pid, time, step)."""
+    """One fault of each kind in `schedule`, in order: each after the run has written a checkpoint
+    newer than the last fault's, plus a seeded 0-8 s. An actor kind: SIGKILL one of them, chosen by
+    the seed; "job": `jobs.stop()` (ray job stop, waited for). Records (kind, pid, time, step)."""
 
-    def __init__(self, run_dir: Path, schedule: list[str], seed: int):
+    def __init__(self, run_dir: Path, schedule: list[str], seed: int, jobs: "Submissions"):
         super().__init__(daemon=True)
-        self.run_dir, self.schedule, self.rng = run_dir, list(schedule), np.random.default_rng(seed)
+        self.run_dir, self.schedule, self.rng, self.jobs = run_dir, list(schedule), np.random.default_rng(seed), jobs
         self.kills: list[dict] = []
         self.stop = threading.Event()
 
@@ -109,6 +113,14 @@ class Killer(threading.Thread):
                 time.sleep(0.5)
             if self.stop.wait(float(self.rng.uniform(0, 8))):
                 return
+            if kind == "job":
+                step, stopped = last_logged_step(self.run_dir), time.time()
+                if not self.jobs.stop():
+                    continue
+                self.kills.append({"kind": kind, "pid": None, "time": stopped, "step": step})
+                print(f"chaos: stopped the job (ray job stop) at step {step}", flush=True)
+                seen = self.last_checkpoint()
+                continue
             alive = [info for info in state.actors().values()
                      if info["ActorClassName"] == KINDS[kind] and info["State"] == "ALIVE" and info.get("Pid")]
             if not alive:
@@ -213,13 +225,69 @@ def compare_banks(a: dict, b: dict) -> dict:
             "centroid_max_abs_diff": round(float((a["centroids"] - b["centroids"]).abs().max()), 4)}
 
 
-def run_job(name: str, data: Path, plan: dict, address: str, kills: int, log) -> tuple[int, float]:
-    started = time.time()
-    log.write(f"\n=== {name}\n")
-    log.flush()
-    result = subprocess.run([sys.executable, str(JOB), *job_args(name, data, plan, kills), "--address", address],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, timeout=1800)
-    return result.returncode, time.time() - started
+class Submissions:
+    """The submissions of one run name through the Ray Jobs API (`JobSubmissionClient`, what
+    `ray job submit` / `ray job stop` call): `run` submits the job and, each time `stop` has stopped
+    it, submits the same run name again, until a submission ends on its own."""
+
+    def __init__(self, client, name: str, data: Path, plan: dict, faults: int, log):
+        self.client, self.name, self.log = client, name, log
+        self.entrypoint = " ".join([sys.executable, str(JOB), *job_args(name, data, plan, faults)])
+        self.current, self.stops, self.lock = None, 0, threading.Lock()
+
+    def stop(self) -> bool:
+        """`ray job stop` the running submission and wait until it has ended; False if none ran."""
+        from ray.job_submission import JobStatus
+        with self.lock:
+            current = self.current
+            if current is None or self.client.get_job_status(current).is_terminal():
+                return False
+            self.stops += 1
+        self.client.stop_job(current)
+        while self.client.get_job_status(current) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
+            time.sleep(0.5)
+        return True
+
+    def run(self) -> tuple[int, float]:
+        """(0 if the last submission succeeded else 1, wall seconds over all submissions)."""
+        from ray.job_submission import JobStatus
+        started = time.time()
+        for attempt in range(1000):
+            with self.lock:
+                stops = self.stops
+                self.current = self.client.submit_job(
+                    entrypoint=self.entrypoint, submission_id=f"{self.name}-{attempt}-{secrets.token_hex(3)}",
+                    runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+            while not (status := self.client.get_job_status(self.current)).is_terminal():
+                time.sleep(1)
+            self.log.write(f"\n=== {self.name}, submission {attempt}: {status}\n{self.client.get_job_logs(self.current)}")
+            self.log.flush()
+            with self.lock:
+                if status != JobStatus.STOPPED or self.stops == stops:  # ended on its own
+                    self.current = None
+                    return (0 if status == JobStatus.SUCCEEDED else 1), time.time() - started
+        raise RuntimeError("a thousand submissions")
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def jobs_client(client_class, address: str, timeout: float = 60):
+    """The Jobs API client once the head's job agent answers (it comes up seconds after the head)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            client = client_class(address)
+            client.list_jobs()
+            return client
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
 
 
 def own_processes(mark: str) -> list[int]:
@@ -239,7 +307,7 @@ def own_processes(mark: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 kills, each kind once (≈ 5 min)")
+    parser.add_argument("--quick", action="store_true", help="4 faults, each kind once (≈ 6 min)")
     parser.add_argument("--seed", type=int, default=0, help="the killer's schedule and delays")
     parser.add_argument("--out", type=Path, help=f"write the JSON here too (default for the full run: {OUT})")
     args = parser.parse_args(argv)
@@ -247,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = PLANS["quick" if args.quick else "full"]
     data = prepare_data(plan)
     rng = np.random.default_rng(args.seed)
-    schedule = [kind for kind in KINDS for _ in range(plan["kills"])]
+    schedule = [kind for kind in KINDS for _ in range(plan["job_stops"] if kind == "job" else plan["kills"])]
     schedule = [schedule[i] for i in rng.permutation(len(schedule))]
     mark = f"VIEWBANK_CHAOS={secrets.token_hex(8)}"
     os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
@@ -259,20 +327,28 @@ def main(argv: list[str] | None = None) -> int:
     RUNS.mkdir(parents=True, exist_ok=True)
     log = open(RUNS / "chaos.log", "w")
     started = time.time()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+    dashboard_port = free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": True,
+                                                            "dashboard_port": dashboard_port})
+    killer = Killer(RUNS / "chaos", schedule, args.seed, None)
     try:
+        from ray.job_submission import JobSubmissionClient
         ray.init(address=cluster.address, log_to_driver=False)
-        print(f"chaos: Ray head {cluster.address}; job logs in {RUNS / 'chaos.log'}", flush=True)
-        rc_free, free_seconds = run_job("fault-free", data, plan, cluster.address, len(schedule), log)
+        client = jobs_client(JobSubmissionClient, f"http://127.0.0.1:{dashboard_port}")
+        print(f"chaos: Ray head {cluster.address}, jobs at http://127.0.0.1:{dashboard_port}; job logs in "
+              f"{RUNS / 'chaos.log'}", flush=True)
+        rc_free, free_seconds = Submissions(client, "fault-free", data, plan, len(schedule), log).run()
         print(f"chaos: fault-free run exited {rc_free} after {free_seconds:.0f} s", flush=True)
         if not args.quick:  # the same run again: how far two fault-free runs of one seed end apart
-            run_job("fault-free-2", data, plan, cluster.address, len(schedule), log)
-        killer = Killer(RUNS / "chaos", schedule, args.seed)
+            Submissions(client, "fault-free-2", data, plan, len(schedule), log).run()
+        jobs = Submissions(client, "chaos", data, plan, len(schedule), log)
+        killer = Killer(RUNS / "chaos", schedule, args.seed, jobs)
         killer.start()
-        rc, chaos_seconds = run_job("chaos", data, plan, cluster.address, len(schedule), log)
+        rc, chaos_seconds = jobs.run()
         killer.stop.set()
         killer.join(timeout=30)
-        print(f"chaos: run with {len(killer.kills)} kills exited {rc} after {chaos_seconds:.0f} s", flush=True)
+        print(f"chaos: run with {len(killer.kills)} faults ({jobs.stops} job stops) exited {rc} after "
+              f"{chaos_seconds:.0f} s", flush=True)
         ray.shutdown()
     finally:
         cluster.shutdown()

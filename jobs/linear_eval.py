@@ -68,11 +68,10 @@ def main(argv=None) -> int:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from runtime.driver import job_env_vars
+    from runtime.driver import init_ray
     from runtime.linear_probe import linear_eval_loop
     run_dir = args.run.resolve()
-    ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True,
-             runtime_env={"env_vars": job_env_vars(args.address)})
+    init_ray(args.address)
     available = ray.cluster_resources()
     short = [f"{need * workers:g} {kind} ({available.get(kind, 0):g} in the cluster)"
              for kind, need in resources.items() if need * workers > available.get(kind, 0)]

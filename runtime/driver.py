@@ -5,8 +5,9 @@ Train `TorchTrainer` → evaluation (kNN trained vs random init, pictures) → s
     ray job submit --working-dir . -- python jobs/interclr_imagenet.py --preset imagenet
 
 Submitting the same `--name` again resumes the run from its last checkpoint (Ray Train restores
-from RunConfig(storage_path, name)); a killed Train worker restarts from it (FailureConfig); a killed
-bank shard restores from the bank snapshot the checkpoint wrote.
+from RunConfig(storage_path, name)), also after `ray job stop` (the driver's SIGTERM ends it, and
+Ray ends every actor the driver created with it); a killed Train worker restarts from it
+(FailureConfig); a killed bank shard restores from the bank snapshot the checkpoint wrote.
 """
 from __future__ import annotations
 
@@ -111,15 +112,28 @@ def scaling_config(config: JobConfig, gpus):
 
 
 def job_env_vars(address: str | None) -> dict:
-    """Environment of every actor of the job. RAY_ADDRESS where the cluster is known: Ray Train's
-    PlacementGroupCleaner finds "its" cluster by auto-detection, which fails with a traceback when a
-    second Ray runs on the machine ("Found multiple active Ray instances")."""
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    """Environment of every actor of the job: this checkout first on PYTHONPATH (then any PYTHONPATH the
+    job was submitted with: its runtime env's variables are this process's too). RAY_ADDRESS where the
+    cluster is known: Ray Train's PlacementGroupCleaner finds "its" cluster by auto-detection, which
+    fails with a traceback when a second Ray runs on the machine ("Found multiple active Ray instances")."""
+    root = str(Path(__file__).resolve().parents[1])
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    env = {"PYTHONPATH": os.pathsep.join(paths),
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # Ray Train 2.60 tees a worker's print to its logger: every line twice
     known = address or os.environ.get("RAY_ADDRESS")
     if known and known not in ("auto", "local") and "://" not in known:
         env["RAY_ADDRESS"] = known
     return env
+
+
+def init_ray(address: str | None) -> None:
+    """Connect (or start a local Ray) with `job_env_vars`. A job submitted with env_vars of its own
+    (`ray job submit --runtime-env-json`) holding one of these keys would make ray.init refuse the
+    merge; RAY_OVERRIDE_JOB_RUNTIME_ENV lets ours win, and ours keep the job's PYTHONPATH."""
+    import ray
+    os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=True,
+             runtime_env={"env_vars": job_env_vars(address)})
 
 
 def samples_if_converted(config: JobConfig) -> int | None:
@@ -169,8 +183,7 @@ def run(config: JobConfig, address: str | None = None) -> dict:
     storage = Path(config.storage).resolve()
     run_dir = storage / config.name
 
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=True,
-             runtime_env={"env_vars": job_env_vars(address)})
+    init_ray(address)
     nodes, requests = ray.nodes(), probe.bank_requests()
     check_resources(config, ray.cluster_resources(), nodes, num_banks=len(requests))
     lock = hold_run(run_dir)  # before anything of the run folder is written

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
                              "both: one then the other on the same workers")
     parser.add_argument("--lr", type=float, help=f"default: fast {FAST['lr']}, standard {STANDARD['lr']}")
     parser.add_argument("--epochs", type=int, default=100, help="of each protocol")
-    parser.add_argument("--batch-size", type=int, default=256, help="over all workers together")
+    parser.add_argument("--batch-size", type=int, default=256, help="over all workers together, split evenly (MoCo main_lincls.py: batch // workers each)")
     parser.add_argument("--head-bn", action="store_true",
                         help="standard: a BatchNorm1d without affine parameters before the linear layer")
     parser.add_argument("--workers", type=int, help="Ray Train workers (default: the run's train.num_workers)")

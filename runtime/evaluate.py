@@ -166,7 +166,8 @@ def evaluate_on_workers(method, config, rank: int, world: int, device: torch.dev
         # existing pipeline"), so val images go in as the baseline's do: one centre view each, never
         # concatenated (the ResNet pools globally: the weights trained on nW-wide rows take W-wide images)
         rows = []
-        top1 = classifier_top1(method, _counting(centre_view_loader(config, space, rank, world, d.val_split), rows), device)
+        val = centre_view_loader(config, space, rank, world, d.val_split)
+        top1 = classifier_top1(method, _counting(val, rows), device)
         counts = _to_rank0((top1 * sum(rows), sum(rows)), rank, world)
         if rank == 0:
             results["val_top1"] = sum(c for c, _ in counts) / sum(n for _, n in counts)

@@ -63,16 +63,22 @@ def reduced(values: list[float], world: int, device, op: str = "sum") -> list[fl
 
 
 def data_parallel(head: torch.nn.Module, world: int, device) -> torch.nn.Module:
-    """`head` on `device`, wrapped in DDP over the ranks (rank 0's initial weights broadcast)."""
-    head = head.to(device)
+    """What trains `head` (already on `device`): itself on one rank, else its DDP wrapper (rank 0's
+    initial weights broadcast, gradients all-reduced)."""
     if world == 1:
         return head
     device = torch.device(device)
     return torch.nn.parallel.DistributedDataParallel(head, device_ids=[device] if device.type == "cuda" else None)
 
 
-def _unwrapped(head: torch.nn.Module) -> torch.nn.Module:
-    return head.module if isinstance(head, torch.nn.parallel.DistributedDataParallel) else head
+@torch.no_grad()
+def val_top1(head: torch.nn.Module, feats, labels, world: int, device) -> tuple[float, int]:
+    """(top-1 of `head` on this rank's val features, the val rows of all ranks): the correct counts
+    summed over the ranks."""
+    head.eval()
+    feats, labels = torch.as_tensor(feats).to(device), torch.as_tensor(labels).long().to(device)
+    correct, rows = reduced([int((head(feats).argmax(1) == labels).sum()), len(labels)], world, device)
+    return correct / rows, int(rows)
 
 
 def fast_probe(backbone, config, space: str | None, num_classes: int, epochs: int, lr: float, batch_size: int,
@@ -91,8 +97,9 @@ def fast_probe(backbone, config, space: str | None, num_classes: int, epochs: in
     train_y, val_y = torch.from_numpy(train_y).long().to(device), torch.from_numpy(val_y).long().to(device)
     local = batch_size // world
     steps = int(reduced([-(-len(train_x) // local)], world, device, "min")[0])
-    head = data_parallel(torch.nn.Linear(train_x.shape[1], num_classes), world, device)
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=FAST["momentum"], weight_decay=FAST["weight_decay"])
+    head = torch.nn.Linear(train_x.shape[1], num_classes).to(device)
+    model = data_parallel(head, world, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=FAST["momentum"], weight_decay=FAST["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     generator = torch.Generator().manual_seed(rank)
     every = max(1, epochs // 10)  # an epoch takes milliseconds: ten lines at most
@@ -100,7 +107,7 @@ def fast_probe(backbone, config, space: str | None, num_classes: int, epochs: in
         loss_sum, rows = torch.zeros((), device=device), 0
         for batch in torch.randperm(len(train_x), generator=generator).split(local)[:steps]:
             batch = batch.to(device)
-            loss = F.cross_entropy(head(train_x[batch]), train_y[batch])
+            loss = F.cross_entropy(model(train_x[batch]), train_y[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -111,10 +118,9 @@ def fast_probe(backbone, config, space: str | None, num_classes: int, epochs: in
             total, seen = reduced([float(loss_sum), rows], world, device)  # one host sync per logged epoch
             if rank == 0:
                 log(f"linear eval (fast): epoch {epoch + 1}/{epochs} loss {total / seen:.4f}")
-    with torch.no_grad():
-        correct = int((head(val_x).argmax(1) == val_y).sum())
-    correct, val_rows, train_rows = reduced([correct, len(val_x), len(train_x)], world, device)
-    return _unwrapped(head), correct / val_rows, {"train_samples": int(train_rows), "val_samples": int(val_rows)}
+    top1, val_rows = val_top1(head, val_x, val_y, world, device)
+    train_rows = int(reduced([len(train_x)], world, device)[0])
+    return head, top1, {"train_samples": train_rows, "val_samples": val_rows}
 
 
 def standard_loaders(root, train_split: str, val_split: str, size: int, space: str | None, batch_size: int,
@@ -150,20 +156,21 @@ def standard_linear_eval(backbone, loaders, num_classes: int, epochs: int, lr: f
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)
     steps = int(reduced([len(train_loader)], world, device, "min")[0])
-    head = data_parallel(linear_head(backbone.dim, num_classes, batch_norm), world, device)
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=STANDARD["momentum"],
+    head = linear_head(backbone.dim, num_classes, batch_norm).to(device)
+    model = data_parallel(head, world, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=STANDARD["momentum"],
                                 weight_decay=STANDARD["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     trained = 0
     for epoch in range(epochs):
         started, head_lr = time.perf_counter(), scheduler.get_last_lr()[0]
-        head.train()
+        model.train()
         loss_sum, correct, rows = torch.zeros((), device=device), torch.zeros((), device=device), 0
         for batch in itertools.islice(train_loader.epoch(epoch), steps):
             with torch.no_grad():
                 features = backbone(batch["views"][0].to(device)).float()
             labels = batch["label"].long().to(device)
-            logits = head(features)
+            logits = model(features)
             loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad()
             loss.backward()
@@ -177,11 +184,8 @@ def standard_linear_eval(backbone, loaders, num_classes: int, epochs: int, lr: f
             log(f"linear eval (standard): epoch {epoch + 1}/{epochs} lr {head_lr:.4g} loss {total_loss / trained:.4f} "
                 f"train top-1 {total_correct / trained:.4f} (augmented views) {time.perf_counter() - started:.0f} s")
     val_x, val_y, _ = features_of(backbone, val_loader, device=device, normalize=False)
-    head.eval()
-    with torch.no_grad():
-        correct = int((head(torch.from_numpy(val_x).to(device)).argmax(1).cpu() == torch.from_numpy(val_y).long()).sum())
-    correct, val_rows = reduced([correct, len(val_x)], world, device)
-    return _unwrapped(head), correct / val_rows, {"train_samples_per_epoch": int(trained), "val_samples": int(val_rows)}
+    top1, val_rows = val_top1(head, torch.from_numpy(val_x), torch.from_numpy(val_y), world, device)
+    return head, top1, {"train_samples_per_epoch": int(trained), "val_samples": val_rows}
 
 
 def linear_eval_loop(loop_config: dict) -> None:
